@@ -1,0 +1,1 @@
+//! thaw-server: the engine and the `thaw` command line.
