@@ -1,0 +1,235 @@
+//! The build writer round trip: data -> store_build_file -> read_flat / header checks.
+
+mod common;
+
+use common::{BLOCK, plain_v3, store_base, store_child, temp_store, test_data};
+use sha2::{Digest, Sha256};
+use thaw_codec::names::{data_object, header_object};
+use thaw_codec::{CompressionType, FileKind, Header};
+use thaw_server::flatten::read_flat;
+use thaw_server::layout::MAX_HEADER_LEN;
+use thaw_server::store::Store;
+use thaw_server::writer::{WriteOptions, store_build_file};
+
+fn opts(codec: CompressionType, version: u16) -> WriteOptions {
+    WriteOptions {
+        codec,
+        level: 2,
+        frame_size: 256 * 1024,
+        header_version: version,
+        workers: 2,
+        progress: false,
+    }
+}
+
+#[test]
+fn round_trip_all_codecs_and_versions() {
+    // Not a multiple of the frame size: the last frame is shorter.
+    let size: u64 = 1536 * 1024 + 3 * 4096;
+    let data = test_data(42, usize::try_from(size).unwrap());
+    let sha: [u8; 32] = Sha256::digest(&data).into();
+    for codec in [
+        CompressionType::None,
+        CompressionType::Zstd,
+        CompressionType::Lz4,
+    ] {
+        for version in [3u16, 4, 5] {
+            let (_dir, store) = temp_store();
+            let build = uuid::Uuid::new_v4();
+            let header = Header::new_base(build, size, BLOCK, 3).unwrap();
+            let o = opts(codec, version);
+            let result = store_build_file(
+                &store,
+                FileKind::Rootfs,
+                &header,
+                &mut data.as_slice(),
+                size,
+                &o,
+            );
+            if version == 3 && codec != CompressionType::None {
+                let e = result.unwrap_err();
+                assert!(format!("{e:#}").contains("version 3"), "{e:#}");
+                assert!(
+                    !store
+                        .exists(&header_object(build, FileKind::Rootfs))
+                        .unwrap()
+                );
+                continue;
+            }
+            let stored = result.unwrap_or_else(|e| panic!("{codec:?} V{version}: {e:#}"));
+            let ctx = format!("{codec:?} V{version}");
+            assert_eq!(stored.sha256, sha, "{ctx}");
+            assert_eq!(stored.uncompressed_size, size, "{ctx}");
+            assert_eq!(
+                stored.data_object,
+                data_object(build, FileKind::Rootfs, codec),
+                "{ctx}"
+            );
+            assert_eq!(stored.header.metadata.version, u64::from(version), "{ctx}");
+            // The header in the store is the one reported.
+            let bytes = store
+                .get(&header_object(build, FileKind::Rootfs), MAX_HEADER_LEN)
+                .unwrap();
+            assert_eq!(Header::parse(&bytes).unwrap(), stored.header, "{ctx}");
+            let obj = store.stat(&stored.data_object).unwrap();
+            assert_eq!(obj.size, stored.stored_size, "{ctx}");
+            if version >= 4 {
+                let e = stored.header.build_data(&build).expect("self entry");
+                assert_eq!(e.size, size, "{ctx}");
+                assert_eq!(e.checksum, sha, "{ctx}");
+                assert_eq!(e.frames.compression(), codec, "{ctx}");
+            } else {
+                assert!(stored.header.builds.is_empty(), "{ctx}");
+            }
+            if codec == CompressionType::None {
+                assert_eq!(stored.frames, 0, "{ctx}");
+                assert_eq!(obj.uncompressed_size, None, "{ctx}");
+            } else {
+                assert_eq!(stored.frames, 7, "{ctx}");
+                assert_eq!(obj.uncompressed_size, Some(size), "{ctx}");
+                let table = &stored.header.build_data(&build).unwrap().frames;
+                let frames = table.frames();
+                let (mut u, mut c) = (0, 0);
+                for f in frames {
+                    assert_eq!((f.start_u, f.start_c), (u, c), "{ctx}");
+                    u += u64::from(f.size_u);
+                    c += u64::from(f.size_c);
+                }
+                assert_eq!(u, size, "{ctx}");
+                assert_eq!(c, obj.size, "{ctx}");
+                assert_eq!(frames.last().unwrap().size_u, 3 * 4096, "{ctx}");
+            }
+            assert_eq!(
+                read_flat(&store, build, FileKind::Rootfs).unwrap(),
+                data,
+                "{ctx}"
+            );
+        }
+    }
+}
+
+#[test]
+fn ancestor_entries_are_loaded_and_trimmed() {
+    let (_dir, store) = temp_store();
+    let zstd = opts(CompressionType::Zstd, 4);
+    let base = store_base(&store, FileKind::Rootfs, 2 * 1024 * 1024, 7, &zstd);
+    // The child only keeps base blocks 0..64 (the first 256 KiB frame) visible... and the rest
+    // of the device is rewritten or zeroed.
+    let child = store_child(
+        &store,
+        FileKind::Rootfs,
+        &base,
+        vec![64..128],
+        vec![128..512],
+        8,
+        &opts(CompressionType::Lz4, 5),
+    );
+    let bytes = store
+        .get(
+            &header_object(child.build, FileKind::Rootfs),
+            MAX_HEADER_LEN,
+        )
+        .unwrap();
+    let h = Header::parse(&bytes).unwrap();
+    assert_eq!(h.metadata.version, 5);
+    let base_entry = h.build_data(&base.build).expect("ancestor entry");
+    let base_own = store
+        .get(&header_object(base.build, FileKind::Rootfs), MAX_HEADER_LEN)
+        .map(|b| Header::parse(&b).unwrap())
+        .unwrap();
+    let full = base_own.build_data(&base.build).unwrap();
+    assert_eq!(full.frames.frames().len(), 8);
+    assert_eq!(base_entry.size, full.size);
+    assert_eq!(base_entry.checksum, full.checksum);
+    assert_eq!(base_entry.frames.compression(), CompressionType::Zstd);
+    assert_eq!(base_entry.frames.frames(), &full.frames.frames()[..1]);
+    let self_entry = h.build_data(&child.build).unwrap();
+    assert_eq!(self_entry.frames.compression(), CompressionType::Lz4);
+    assert_eq!(
+        read_flat(&store, child.build, FileKind::Rootfs).unwrap(),
+        child.model
+    );
+    assert_eq!(
+        read_flat(&store, base.build, FileKind::Rootfs).unwrap(),
+        base.model
+    );
+}
+
+#[test]
+fn v3_ancestors_get_zero_entries() {
+    let (_dir, store) = temp_store();
+    let base = store_base(&store, FileKind::Memfile, 512 * 1024, 9, &plain_v3());
+    let child = store_child(
+        &store,
+        FileKind::Memfile,
+        &base,
+        vec![3..9],
+        vec![],
+        10,
+        &opts(CompressionType::Zstd, 4),
+    );
+    let bytes = store
+        .get(
+            &header_object(child.build, FileKind::Memfile),
+            MAX_HEADER_LEN,
+        )
+        .unwrap();
+    let h = Header::parse(&bytes).unwrap();
+    assert!(h.build_data(&base.build).unwrap().is_zero());
+    assert_eq!(
+        read_flat(&store, child.build, FileKind::Memfile).unwrap(),
+        child.model
+    );
+}
+
+#[test]
+fn bad_inputs_are_refused_before_writing() {
+    let (_dir, store) = temp_store();
+    let build = uuid::Uuid::new_v4();
+    let header = Header::new_base(build, 64 * 1024, 2 * 1024 * 1024, 4).unwrap();
+    let data = vec![0u8; 64 * 1024];
+    // Frame size not a multiple of the 2 MiB block size.
+    let e = store_build_file(
+        &store,
+        FileKind::Memfile,
+        &header,
+        &mut data.as_slice(),
+        65536,
+        &opts(CompressionType::Zstd, 4),
+    )
+    .unwrap_err();
+    assert!(format!("{e:#}").contains("frame size"), "{e:#}");
+    // Data shorter than the mappings reference.
+    let header = Header::new_base(build, 64 * 1024, BLOCK, 4).unwrap();
+    let e = store_build_file(
+        &store,
+        FileKind::Rootfs,
+        &header,
+        &mut data.as_slice(),
+        4096,
+        &opts(CompressionType::Zstd, 4),
+    )
+    .unwrap_err();
+    assert!(format!("{e:#}").contains("mapping #0"), "{e:#}");
+    // Reader shorter than the declared length: error, and no object left behind.
+    let e = store_build_file(
+        &store,
+        FileKind::Rootfs,
+        &header,
+        &mut &data[..1000],
+        65536,
+        &opts(CompressionType::Lz4, 4),
+    )
+    .unwrap_err();
+    assert!(format!("{e:#}").contains("data ended"), "{e:#}");
+    assert!(
+        !store
+            .exists(&data_object(build, FileKind::Rootfs, CompressionType::Lz4))
+            .unwrap()
+    );
+    assert!(
+        !store
+            .exists(&header_object(build, FileKind::Rootfs))
+            .unwrap()
+    );
+}
