@@ -1,4 +1,8 @@
 //! The local directory store: atomic writes, streaming writers, key checks, reads.
+#![allow(
+    clippy::tests_outside_test_module,
+    reason = "an integration test crate is itself the test module"
+)]
 
 mod common;
 

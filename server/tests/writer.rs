@@ -1,4 +1,12 @@
 //! The build writer round trip: data -> store_build_file -> read_flat / header checks.
+#![allow(
+    clippy::tests_outside_test_module,
+    reason = "an integration test crate is itself the test module"
+)]
+#![allow(
+    clippy::single_range_in_vec_init,
+    reason = "one-range block sets are meant"
+)]
 
 mod common;
 

@@ -32,17 +32,18 @@ use crate::layout::{LoadedHeader, MAX_HEADER_LEN, load_header, self_entry};
 use crate::store::{PutOptions, Store, open_store};
 use crate::writer::{WriteOptions, store_build_file};
 
-/// Arguments of `thaw compress`.
-#[derive(Debug, Args)]
-#[command(
-    long_about = "Compress a build: reads {build}/{file}.header (or synthesises e2b's legacy header when \
+/// `--help` text of the subcommand.
+pub const LONG_ABOUT: &str = "Compress a build: reads {build}/{file}.header (or synthesises e2b's legacy header when \
 it is missing) and the plain data object, and stores the data as independently decodable frames \
 ({build}/{file}.zstd or .lz4) followed by a V4/V5 header whose builds section holds the frame table \
 and the SHA-256 of the uncompressed data.\n\n\
 A file whose header already has a compressed self entry is skipped (copied as is when --to names \
-another store). The plain object is left in place.",
-    after_help = "Example:\n  thaw compress --store /srv/builds --build 2f6d3a52-8a3b-4c1e-9d7f-0123456789ab \\\n      --codec zstd:2 --recursive"
-)]
+another store). The plain object is left in place.";
+/// Text after `--help`.
+pub const AFTER_HELP: &str = "Example:\n  thaw compress --store /srv/builds --build 2f6d3a52-8a3b-4c1e-9d7f-0123456789ab \\\n      --codec zstd:2 --recursive";
+
+/// Arguments of `thaw compress`.
+#[derive(Debug, Args)]
 pub struct CompressArgs {
     /// Store holding the build (file:///abs/dir or a directory path).
     #[arg(long, env = "THAW_STORE")]

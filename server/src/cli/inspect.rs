@@ -16,17 +16,17 @@ use super::{FileSelection, StoreReader, mib, parse_file_selection};
 use crate::layout::{DataSource, decode_frame, load_header, resolve_source, self_entry};
 use crate::store::{Store, open_store};
 
-/// Arguments of `thaw inspect`.
-#[derive(Debug, Args)]
-#[command(
-    long_about = "Inspect a build: header metadata (version, block size, size, generation, \
+/// `--help` text of the subcommand.
+pub const LONG_ABOUT: &str = "Inspect a build: header metadata (version, block size, size, generation, \
 build ids), the builds section (size, SHA-256, codec, frames, ratio) and a mapping summary \
 (entries, bytes per build, zero bytes and ranges).\n\n\
 --verify decodes every frame of the build's own data object to its declared size, checks the \
 SHA-256 of the uncompressed data against the header's self entry, and checks that every mapping \
 lies inside the referenced build's data (where its size is known). The first failure exits \
-non-zero with a message naming the build, file, frame index and offsets (or the mapping)."
-)]
+non-zero with a message naming the build, file, frame index and offsets (or the mapping).";
+
+/// Arguments of `thaw inspect`.
+#[derive(Debug, Args)]
 pub struct InspectArgs {
     /// Store holding the build (file:///abs/dir or a directory path).
     #[arg(long, env = "THAW_STORE")]
@@ -43,7 +43,7 @@ pub struct InspectArgs {
     /// List the frames of every build entry.
     #[arg(long)]
     pub frames: bool,
-    /// Decode and check the build's own data (see above).
+    /// Decode every frame of the build's own data and check sizes, SHA-256 and mapping bounds.
     #[arg(long)]
     pub verify: bool,
     /// Print one JSON document instead of text.
@@ -285,12 +285,14 @@ fn file_report(file: FileKind, h: &Header, legacy: bool, args: &InspectArgs) -> 
     let mut per_build: BTreeMap<BuildId, (u64, usize)> = BTreeMap::new();
     let (mut zero_bytes, mut zero_ranges) = (0u64, 0usize);
     for m in &h.mappings {
+        // Device bytes: the last mapping may run past `size` up to the next 4 KiB.
+        let len = m.end().min(md.size).saturating_sub(m.offset);
         if m.is_nil() {
-            zero_bytes = zero_bytes.saturating_add(m.length);
+            zero_bytes = zero_bytes.saturating_add(len);
             zero_ranges += 1;
         } else {
             let e = per_build.entry(m.build_id).or_default();
-            e.0 = e.0.saturating_add(m.length);
+            e.0 = e.0.saturating_add(len);
             e.1 += 1;
         }
     }

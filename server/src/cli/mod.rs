@@ -28,8 +28,10 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Turn an uncompressed build into a framed, compressed one (zstd or LZ4).
+    #[command(long_about = compress::LONG_ABOUT, after_help = compress::AFTER_HELP)]
     Compress(compress::CompressArgs),
     /// Show a build's header, builds section, mappings and frames; optionally verify its data.
+    #[command(long_about = inspect::LONG_ABOUT)]
     Inspect(inspect::InspectArgs),
 }
 

@@ -132,6 +132,10 @@ pub fn store_child(
 
 /// A 3-layer chain for both files: returns [base, middle, top] per file (rootfs, memfile).
 /// rootfs: full 1 MiB base; memfile: empty 768 KiB base.
+#[allow(
+    clippy::single_range_in_vec_init,
+    reason = "a one-range block set is meant"
+)]
 pub fn three_layer_chain(store: &dyn Store, opts: &WriteOptions) -> (Vec<Layer>, Vec<Layer>) {
     let rootfs_size = 1024 * 1024;
     let a = store_base(store, FileKind::Rootfs, rootfs_size, 1, opts);
