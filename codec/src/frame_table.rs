@@ -408,3 +408,199 @@ pub(crate) fn merge_ranges(ranges: &[(u64, u64)]) -> Vec<(u64, u64)> {
     }
     merged
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn f(start_u: u64, start_c: u64, size_u: u32, size_c: u32) -> Frame {
+        Frame {
+            start_u,
+            start_c,
+            size_u,
+            size_c,
+        }
+    }
+
+    /// Hand-written on-disk table: type, count, then `(StartU, StartC, SizeU, SizeC)` entries.
+    fn raw(ct: u32, n: u32, entries: &[(i64, i64, i32, i32)]) -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend_from_slice(&ct.to_le_bytes());
+        b.extend_from_slice(&n.to_le_bytes());
+        for &(su, sc, zu, zc) in entries {
+            b.extend_from_slice(&su.to_le_bytes());
+            b.extend_from_slice(&sc.to_le_bytes());
+            b.extend_from_slice(&zu.to_le_bytes());
+            b.extend_from_slice(&zc.to_le_bytes());
+        }
+        b
+    }
+
+    #[test]
+    fn compression_type_ids_suffixes_names() {
+        for (ct, id, suffix, name) in [
+            (CompressionType::None, 0, "", "none"),
+            (CompressionType::Zstd, 1, ".zstd", "zstd"),
+            (CompressionType::Lz4, 2, ".lz4", "lz4"),
+        ] {
+            assert_eq!(ct.id(), id);
+            assert_eq!(CompressionType::from_id(id).unwrap(), ct);
+            assert_eq!(ct.suffix(), suffix);
+            assert_eq!(ct.as_str(), name);
+            assert_eq!(ct.to_string(), name);
+        }
+        assert_eq!(
+            CompressionType::from_id(3).unwrap_err().kind(),
+            ErrorKind::Unsupported
+        );
+    }
+
+    #[test]
+    fn new_validates() {
+        let zstd = CompressionType::Zstd;
+        assert!(FrameTable::new(zstd, vec![f(0, 0, 10, 5), f(10, 5, 10, 5)]).is_ok());
+        // Sparse in U and C is fine.
+        assert!(FrameTable::new(zstd, vec![f(0, 0, 10, 5), f(100, 50, 10, 5)]).is_ok());
+        // A compressed type with no frames is an empty object.
+        assert!(FrameTable::new(zstd, vec![]).is_ok());
+        let kind = |c, v| FrameTable::new(c, v).unwrap_err().kind();
+        assert_eq!(
+            kind(CompressionType::None, vec![f(0, 0, 1, 1)]),
+            ErrorKind::Corrupt
+        );
+        assert_eq!(kind(zstd, vec![f(0, 0, 0, 1)]), ErrorKind::Corrupt);
+        assert_eq!(kind(zstd, vec![f(0, 0, 1, 0)]), ErrorKind::Corrupt);
+        assert_eq!(
+            kind(zstd, vec![f(0, 0, MAX_FRAME_SIZE + 1, 1)]),
+            ErrorKind::TooLarge
+        );
+        // Overlap in U, overlap in C, descending order.
+        assert_eq!(
+            kind(zstd, vec![f(0, 0, 10, 5), f(9, 5, 10, 5)]),
+            ErrorKind::Corrupt
+        );
+        assert_eq!(
+            kind(zstd, vec![f(0, 0, 10, 5), f(10, 4, 10, 5)]),
+            ErrorKind::Corrupt
+        );
+        assert_eq!(
+            kind(zstd, vec![f(10, 5, 10, 5), f(0, 0, 10, 5)]),
+            ErrorKind::Corrupt
+        );
+        // Ends past i64::MAX.
+        let big = i64::MAX.cast_unsigned() - 5;
+        assert_eq!(kind(zstd, vec![f(big, 0, 10, 5)]), ErrorKind::Corrupt);
+        assert_eq!(kind(zstd, vec![f(0, big, 10, 10)]), ErrorKind::Corrupt);
+        assert_eq!(kind(zstd, vec![f(u64::MAX, 0, 10, 5)]), ErrorKind::Corrupt);
+    }
+
+    #[test]
+    fn locate_and_totals() {
+        let t = FrameTable::new(
+            CompressionType::Lz4,
+            vec![f(0, 0, 10, 3), f(20, 3, 10, 4), f(30, 7, 5, 2)],
+        )
+        .unwrap();
+        assert_eq!(t.locate(0), Some(0));
+        assert_eq!(t.locate(9), Some(0));
+        assert_eq!(t.locate(10), None); // gap
+        assert_eq!(t.locate(19), None);
+        assert_eq!(t.locate(20), Some(1));
+        assert_eq!(t.locate(30), Some(2));
+        assert_eq!(t.locate(34), Some(2));
+        assert_eq!(t.locate(35), None);
+        assert_eq!(t.locate(u64::MAX), None);
+        assert_eq!(t.total_u(), 25);
+        assert_eq!(t.total_c(), 9);
+        assert_eq!(FrameTable::uncompressed().locate(0), None);
+    }
+
+    #[test]
+    fn trimmed_keeps_overlapping_frames() {
+        let frames: Vec<Frame> = (0..6).map(|i| f(i * 10, i * 4, 10, 4)).collect();
+        let t = FrameTable::new(CompressionType::Zstd, frames.clone()).unwrap();
+        let starts = |t: &FrameTable| t.frames().iter().map(|f| f.start_u).collect::<Vec<_>>();
+        // Ranges in any order, overlapping, touching frame edges.
+        let r = t.trimmed(&[(45, 46), (12, 15), (13, 20), (0, 0)]);
+        assert_eq!(starts(&r), vec![10, 40]);
+        assert_eq!(r.compression(), CompressionType::Zstd);
+        // A range ending exactly at a frame start does not select it.
+        assert_eq!(starts(&t.trimmed(&[(5, 10)])), vec![0]);
+        assert_eq!(starts(&t.trimmed(&[(9, 21)])), vec![0, 10, 20]);
+        assert_eq!(
+            starts(&t.trimmed(&[(0, u64::MAX)])),
+            vec![0, 10, 20, 30, 40, 50]
+        );
+        assert!(t.trimmed(&[]).frames().is_empty());
+        assert!(t.trimmed(&[(60, 100)]).frames().is_empty());
+        // Trimming a trimmed table is stable.
+        assert_eq!(r.trimmed(&[(0, 100)]), r);
+    }
+
+    #[test]
+    fn parse_hand_written_sparse_table() {
+        let mut bytes = raw(1, 2, &[(0, 0, 4096, 100), (8192, 300, 4096, 80)]);
+        bytes.extend_from_slice(b"next");
+        let (t, used) = FrameTable::parse(&bytes).unwrap();
+        assert_eq!(used, 8 + 48);
+        assert_eq!(t.compression(), CompressionType::Zstd);
+        assert_eq!(t.frames(), &[f(0, 0, 4096, 100), f(8192, 300, 4096, 80)]);
+        let mut out = Vec::new();
+        t.write(&mut out);
+        assert_eq!(out, bytes[..used]);
+        assert_eq!(t.encoded_len(), used);
+    }
+
+    #[test]
+    fn parse_uncompressed_forms() {
+        let (t, used) = FrameTable::parse(&raw(0, 0, &[])).unwrap();
+        assert_eq!((t, used), (FrameTable::uncompressed(), 8));
+        // e2b: a codec with zero frames is "no frame table".
+        let (t, _) = FrameTable::parse(&raw(2, 0, &[])).unwrap();
+        assert!(!t.is_compressed());
+        let mut out = Vec::new();
+        FrameTable::uncompressed().write(&mut out);
+        assert_eq!(out, raw(0, 0, &[]));
+    }
+
+    #[test]
+    fn parse_rejects_bad_tables() {
+        let kind = |b: &[u8]| FrameTable::parse(b).unwrap_err().kind();
+        assert_eq!(kind(&[1, 0, 0]), ErrorKind::Truncated);
+        assert_eq!(kind(&raw(0, 1, &[(0, 0, 1, 1)])), ErrorKind::Corrupt);
+        assert_eq!(kind(&raw(7, 1, &[(0, 0, 1, 1)])), ErrorKind::Unsupported);
+        assert_eq!(kind(&raw(1, MAX_FRAMES + 1, &[])), ErrorKind::TooLarge);
+        assert_eq!(kind(&raw(1, u32::MAX, &[])), ErrorKind::TooLarge);
+        // Count larger than the bytes present.
+        assert_eq!(kind(&raw(1, 1000, &[(0, 0, 1, 1)])), ErrorKind::Truncated);
+        assert_eq!(kind(&raw(1, 1, &[(-1, 0, 1, 1)])), ErrorKind::Corrupt);
+        assert_eq!(kind(&raw(1, 1, &[(0, -8, 1, 1)])), ErrorKind::Corrupt);
+        assert_eq!(kind(&raw(1, 1, &[(0, 0, -1, 1)])), ErrorKind::Corrupt);
+        assert_eq!(kind(&raw(1, 1, &[(0, 0, 1, 0)])), ErrorKind::Corrupt);
+        assert_eq!(
+            kind(&raw(1, 1, &[(0, 0, i32::MAX, 1)])),
+            ErrorKind::TooLarge
+        );
+        assert_eq!(
+            kind(&raw(1, 2, &[(100, 0, 10, 1), (0, 1, 10, 1)])),
+            ErrorKind::Corrupt
+        );
+        assert_eq!(
+            kind(&raw(1, 2, &[(0, 0, 10, 5), (5, 5, 10, 5)])),
+            ErrorKind::Corrupt
+        );
+        assert_eq!(
+            kind(&raw(1, 2, &[(0, 10, 10, 5), (10, 0, 10, 5)])),
+            ErrorKind::Corrupt
+        );
+        assert_eq!(
+            kind(&raw(1, 1, &[(i64::MAX - 4, 0, 10, 5)])),
+            ErrorKind::Corrupt
+        );
+        // Every truncation of a valid table fails cleanly.
+        let ok = raw(2, 2, &[(0, 0, 4096, 100), (4096, 100, 4096, 80)]);
+        for cut in 0..ok.len() {
+            assert_eq!(kind(&ok[..cut]), ErrorKind::Truncated, "cut at {cut}");
+        }
+    }
+}

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# ci/test.sh: the project's test command (README). Installs what it needs, then checks formatting,
+# lints, runs every workspace test, and builds the fuzz targets.
+#   ci/test.sh            everything
+#   SKIP_FUZZ_BUILD=1 ci/test.sh   skip the (slow) cargo-fuzz build
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ci/install.sh
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+
+echo "== cargo clippy -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+echo "== cargo test"
+cargo test --workspace --locked 2>&1 | tee target/test-output.txt
+# Fail loudly if the test harness ran nothing at all (a silent misconfiguration).
+if ! grep -q "test result: ok" target/test-output.txt; then
+  echo "ci/test.sh: no test ran" >&2
+  exit 1
+fi
+
+if [ "${SKIP_FUZZ_BUILD:-0}" != 1 ]; then
+  echo "== fuzz targets (build only)"
+  ci/fuzz.sh
+fi
+echo "ci/test.sh: all checks passed"
