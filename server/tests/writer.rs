@@ -241,3 +241,51 @@ fn bad_inputs_are_refused_before_writing() {
             .unwrap()
     );
 }
+
+#[test]
+fn empty_data_and_a_single_worker() {
+    let (_dir, store) = temp_store();
+    let build = uuid::Uuid::new_v4();
+    let header = Header::new_empty(build, 256 * 1024, BLOCK, 4).unwrap();
+    let o = WriteOptions {
+        workers: 1,
+        ..opts(CompressionType::Zstd, 4)
+    };
+    let stored = store_build_file(
+        &store,
+        FileKind::Memfile,
+        &header,
+        &mut [].as_slice(),
+        0,
+        &o,
+    )
+    .unwrap();
+    assert_eq!((stored.frames, stored.stored_size), (0, 0));
+    let e = stored.header.build_data(&build).unwrap();
+    assert_eq!(e.checksum, <[u8; 32]>::from(Sha256::digest([])));
+    assert_eq!(
+        read_flat(&store, build, FileKind::Memfile).unwrap(),
+        vec![0; 256 * 1024]
+    );
+
+    // One worker, many frames (more than the in-flight bound).
+    let size = 40 * 4096;
+    let data = test_data(5, size);
+    let header = Header::new_base(build, 40 * 4096, BLOCK, 4).unwrap();
+    let o = WriteOptions {
+        workers: 1,
+        frame_size: 4096,
+        ..opts(CompressionType::Lz4, 4)
+    };
+    let stored = store_build_file(
+        &store,
+        FileKind::Rootfs,
+        &header,
+        &mut data.as_slice(),
+        40 * 4096,
+        &o,
+    )
+    .unwrap();
+    assert_eq!(stored.frames, 40);
+    assert_eq!(read_flat(&store, build, FileKind::Rootfs).unwrap(), data);
+}

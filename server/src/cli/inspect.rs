@@ -489,6 +489,14 @@ pub fn verify(store: &dyn Store, file: FileKind, header: &Header) -> anyhow::Res
                 sha.update(&data);
                 expected_u = f.end_u();
             }
+            let stored = store.stat(&src.object)?.size;
+            let frames_c = src.frames.frames().last().map_or(0, |f| f.end_c());
+            if stored != frames_c {
+                bail!(
+                    "build {me} {file}: {} is {stored} bytes but its frames end at C offset {frames_c}",
+                    src.object
+                );
+            }
             (src.object, src.frames.frames().len(), expected_u)
         }
         _ => {
