@@ -254,6 +254,7 @@ fn compress_to_another_store() {
     let dst = FileStore::new(dst_dir.path().to_path_buf());
     let (rootfs, _) = three_layer_chain(&src, &plain_v3());
     let top = rootfs[2].build;
+    let src_url = path_str(src_dir.path());
     src.put(&snapfile_object(top), b"vm state", &PutOptions::default())
         .unwrap();
     src.put(
@@ -262,11 +263,21 @@ fn compress_to_another_store() {
         &PutOptions::default(),
     )
     .unwrap();
-    let to = format!("file://{}", dst_dir.path().display());
+    // The base is already compressed in the source: it is copied as is, not re-encoded.
     run_ok(&[
         "compress",
         "--store",
-        path_str(src_dir.path()),
+        src_url,
+        "--build",
+        &rootfs[0].build.to_string(),
+        "--codec",
+        "lz4",
+    ]);
+    let to = format!("file://{}", dst_dir.path().display());
+    let out = run_ok(&[
+        "compress",
+        "--store",
+        src_url,
         "--build",
         &top.to_string(),
         "--codec",
@@ -277,7 +288,14 @@ fn compress_to_another_store() {
         "--frame-size",
         "128KiB",
     ]);
+    assert!(out.contains("already compressed (lz4), copied to"), "{out}");
     check_layers(&dst, FileKind::Rootfs, &rootfs);
+    assert_eq!(
+        header(&dst, &rootfs[0], FileKind::Rootfs),
+        header(&src, &rootfs[0], FileKind::Rootfs)
+    );
+    let lz4 = data_object(rootfs[0].build, FileKind::Rootfs, CompressionType::Lz4);
+    assert_eq!(dst.stat(&lz4).unwrap(), src.stat(&lz4).unwrap());
     for l in &rootfs {
         run_ok(&[
             "inspect",
@@ -287,9 +305,17 @@ fn compress_to_another_store() {
             &l.build.to_string(),
             "--verify",
         ]);
-        // The source store is untouched: still plain V3.
+    }
+    // The source store is untouched apart from the base: still plain V3.
+    for l in &rootfs[1..] {
         assert_eq!(header(&src, l, FileKind::Rootfs).metadata.version, 3);
     }
+    // The top's entry for the base, in the destination, describes the lz4 object.
+    let top_in_dst = header(&dst, &rootfs[2], FileKind::Rootfs);
+    let base_entry = top_in_dst.build_data(&rootfs[0].build).unwrap();
+    assert_eq!(base_entry.frames.compression(), CompressionType::Lz4);
+    let mid_entry = top_in_dst.build_data(&rootfs[1].build).unwrap();
+    assert_eq!(mid_entry.frames.compression(), CompressionType::Zstd);
     assert_eq!(dst.get(&snapfile_object(top), 100).unwrap(), b"vm state");
     assert_eq!(
         dst.get(&metadata_object(rootfs[0].build), 100).unwrap(),
