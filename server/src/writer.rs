@@ -387,12 +387,18 @@ fn encode_worker(
     level: i32,
 ) {
     let mut encoder = FrameEncoder::new(codec, level).map_err(anyhow::Error::new);
+    // Once the collector is gone (it failed), keep draining jobs without encoding them, so the
+    // reader never blocks on a full job channel; it stops when its tokens run out.
+    let mut collector_gone = false;
     loop {
         let job = match jobs.lock() {
             Ok(rx) => rx.recv(),
             Err(_) => return,
         };
         let Ok((idx, src)) = job else { return };
+        if collector_gone {
+            continue;
+        }
         let out = match encoder.as_mut() {
             Ok(enc) => {
                 let mut dst = Vec::with_capacity(src.len() / 2);
@@ -403,7 +409,7 @@ fn encode_worker(
             Err(e) => Err(anyhow!("creating the {} encoder: {e}", codec.as_str())),
         };
         if results.send((idx, src, out)).is_err() {
-            return;
+            collector_gone = true;
         }
     }
 }

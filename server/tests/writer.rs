@@ -289,3 +289,135 @@ fn empty_data_and_a_single_worker() {
     assert_eq!(stored.frames, 40);
     assert_eq!(read_flat(&store, build, FileKind::Rootfs).unwrap(), data);
 }
+
+/// A store whose streaming writers fail after `limit` bytes (fault injection).
+#[derive(Debug)]
+struct FailingStore {
+    inner: thaw_server::store::FileStore,
+    limit: u64,
+}
+
+#[derive(Debug)]
+struct FailingWriter {
+    inner: Box<dyn thaw_server::store::ObjectWriter>,
+    limit: u64,
+}
+
+impl std::io::Write for FailingWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.inner.written() + buf.len() as u64 > self.limit {
+            return Err(std::io::Error::other("injected write failure"));
+        }
+        self.inner.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl thaw_server::store::ObjectWriter for FailingWriter {
+    fn commit(self: Box<Self>) -> Result<(), thaw_server::store::StoreError> {
+        self.inner.commit()
+    }
+
+    fn written(&self) -> u64 {
+        self.inner.written()
+    }
+}
+
+impl Store for FailingStore {
+    fn url(&self) -> String {
+        format!("failing+{}", self.inner.url())
+    }
+    fn read_range(
+        &self,
+        key: &str,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), thaw_server::store::StoreError> {
+        self.inner.read_range(key, offset, buf)
+    }
+    fn stat(
+        &self,
+        key: &str,
+    ) -> Result<thaw_server::store::ObjectInfo, thaw_server::store::StoreError> {
+        self.inner.stat(key)
+    }
+    fn get(&self, key: &str, max_len: u64) -> Result<Vec<u8>, thaw_server::store::StoreError> {
+        self.inner.get(key, max_len)
+    }
+    fn put(
+        &self,
+        key: &str,
+        data: &[u8],
+        opts: &thaw_server::store::PutOptions,
+    ) -> Result<(), thaw_server::store::StoreError> {
+        self.inner.put(key, data, opts)
+    }
+    fn create(
+        &self,
+        key: &str,
+        opts: &thaw_server::store::PutOptions,
+    ) -> Result<Box<dyn thaw_server::store::ObjectWriter>, thaw_server::store::StoreError> {
+        Ok(Box::new(FailingWriter {
+            inner: self.inner.create(key, opts)?,
+            limit: self.limit,
+        }))
+    }
+    fn exists(&self, key: &str) -> Result<bool, thaw_server::store::StoreError> {
+        self.inner.exists(key)
+    }
+}
+
+#[test]
+fn a_failing_object_writer_fails_cleanly() {
+    let (dir, _) = temp_store();
+    let store = FailingStore {
+        inner: thaw_server::store::FileStore::new(dir.path().to_path_buf()),
+        limit: 10_000,
+    };
+    let size = 64 * 4096;
+    let data = test_data(3, size);
+    let build = uuid::Uuid::new_v4();
+    let header = Header::new_base(build, 64 * 4096, BLOCK, 4).unwrap();
+    for (codec, workers) in [
+        (CompressionType::Zstd, 1),
+        (CompressionType::Lz4, 3),
+        (CompressionType::None, 1),
+    ] {
+        let o = WriteOptions {
+            workers,
+            frame_size: 4096,
+            ..opts(codec, 4)
+        };
+        // Random-ish 4 KiB frames: the limit is hit after a few frames, many more are pending.
+        let e = store_build_file(
+            &store,
+            FileKind::Rootfs,
+            &header,
+            &mut data.as_slice(),
+            64 * 4096,
+            &o,
+        )
+        .unwrap_err();
+        assert!(format!("{e:#}").contains("injected write failure"), "{e:#}");
+        assert!(
+            !store
+                .exists(&header_object(build, FileKind::Rootfs))
+                .unwrap()
+        );
+        assert!(
+            !store
+                .exists(&data_object(build, FileKind::Rootfs, codec))
+                .unwrap()
+        );
+    }
+    // No temp file is left behind.
+    assert_eq!(
+        std::fs::read_dir(dir.path().join(build.to_string()))
+            .unwrap()
+            .count(),
+        0
+    );
+}
