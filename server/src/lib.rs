@@ -6,6 +6,7 @@
 //! - [`flatten`]: the reference reader, a simple whole-device resolver used as test oracle;
 //! - [`cli`]: the `thaw` subcommands.
 
+pub mod chain;
 pub mod cli;
 pub mod flatten;
 pub mod layout;
