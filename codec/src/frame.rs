@@ -81,6 +81,9 @@ pub struct FrameEncoder {
     level: i32,
     /// The zstd context (zstd only).
     cctx: Option<CCtx<'static>>,
+    /// The LZ4 frame encoder, reused across frames (its 4 MiB buffers and hash table too). Its
+    /// writer is a placeholder between calls: the caller's `dst` is swapped in while encoding.
+    lz4: Option<lz4_flex::frame::FrameEncoder<Vec<u8>>>,
 }
 
 impl fmt::Debug for FrameEncoder {
@@ -124,6 +127,7 @@ impl FrameEncoder {
             compression,
             level,
             cctx,
+            lz4: None,
         })
     }
 
@@ -154,7 +158,7 @@ impl FrameEncoder {
                     "no compression context",
                 )),
             },
-            CompressionType::Lz4 => encode_lz4(src, dst),
+            CompressionType::Lz4 => self.encode_lz4(src, dst),
         };
         match res {
             Ok(()) => Ok(dst.len().saturating_sub(start)),
@@ -218,20 +222,49 @@ fn encode_zstd(cctx: &mut CCtx<'static>, src: &[u8], dst: &mut Vec<u8>) -> Resul
     Err(CodecError::corrupt(WHAT, "compressor made no progress"))
 }
 
-/// One LZ4 frame as e2b writes it: 4 MB max block, independent blocks, block checksums on,
+/// The LZ4 frame shape e2b writes: 4 MB max block, independent blocks, block checksums on,
 /// content checksum off, no content size.
-fn encode_lz4(src: &[u8], dst: &mut Vec<u8>) -> Result<()> {
-    let info = FrameInfo::new()
+fn lz4_frame_info() -> FrameInfo {
+    FrameInfo::new()
         .block_size(BlockSize::Max4MB)
         .block_mode(BlockMode::Independent)
         .block_checksums(true)
-        .content_checksum(false);
-    let mut enc = lz4_flex::frame::FrameEncoder::with_frame_info(info, &mut *dst);
-    std::io::Write::write_all(&mut enc, src)
-        .map_err(|e| CodecError::corrupt("lz4 encoder", e.to_string()))?;
-    enc.finish()
-        .map(drop)
-        .map_err(|e| CodecError::corrupt("lz4 encoder", e.to_string()))
+        .content_checksum(false)
+}
+
+impl FrameEncoder {
+    /// One LZ4 frame (see [`lz4_frame_info`]), appended to `dst`.
+    ///
+    /// lz4_flex's encoder starts a new frame on the first write after `try_finish`, resetting
+    /// its state, so one encoder serves every frame and its two 4 MiB buffers are allocated
+    /// once, not per frame. An empty frame after a non-empty one would come out as a bare end
+    /// mark, though, so empty inputs use a fresh encoder.
+    fn encode_lz4(&mut self, src: &[u8], dst: &mut Vec<u8>) -> Result<()> {
+        const WHAT: &str = "lz4 encoder";
+        if src.is_empty() {
+            let enc = lz4_flex::frame::FrameEncoder::with_frame_info(lz4_frame_info(), &mut *dst);
+            return enc
+                .finish()
+                .map(drop)
+                .map_err(|e| CodecError::corrupt(WHAT, e.to_string()));
+        }
+        let enc = self.lz4.get_or_insert_with(|| {
+            lz4_flex::frame::FrameEncoder::with_frame_info(lz4_frame_info(), Vec::new())
+        });
+        std::mem::swap(enc.get_mut(), dst);
+        let res = std::io::Write::write_all(enc, src)
+            .map_err(|e| CodecError::corrupt(WHAT, e.to_string()))
+            .and_then(|()| {
+                enc.try_finish()
+                    .map_err(|e| CodecError::corrupt(WHAT, e.to_string()))
+            });
+        std::mem::swap(enc.get_mut(), dst);
+        if res.is_err() {
+            // Mid-frame state is unknown: start over with a new encoder next time.
+            self.lz4 = None;
+        }
+        res
+    }
 }
 
 /// Decodes frames; holds one reusable decompression context.
@@ -820,6 +853,36 @@ mod tests {
         let err = dec.decode(CompressionType::Lz4, &[], &mut []).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Truncated);
         dec.decode(CompressionType::None, &[], &mut []).unwrap();
+    }
+
+    #[test]
+    fn reused_lz4_encoder_matches_fresh_ones() {
+        let mut reused = FrameEncoder::new(CompressionType::Lz4, 0).unwrap();
+        let mut dec = FrameDecoder::new();
+        for len in [
+            100_000,
+            0,
+            1,
+            2 * 1024 * 1024,
+            0,
+            0,
+            5000,
+            4 * 1024 * 1024 + 7,
+            3,
+        ] {
+            let data = sample(len);
+            let mut a = vec![1, 2, 3];
+            reused.encode(&data, &mut a).unwrap();
+            let mut b = vec![1, 2, 3];
+            FrameEncoder::new(CompressionType::Lz4, 0)
+                .unwrap()
+                .encode(&data, &mut b)
+                .unwrap();
+            assert_eq!(a, b, "len {len}");
+            let mut out = vec![0u8; len];
+            dec.decode(CompressionType::Lz4, &a[3..], &mut out).unwrap();
+            assert_eq!(out, data, "len {len}");
+        }
     }
 
     #[test]
