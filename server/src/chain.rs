@@ -343,8 +343,8 @@ fn in_runs(runs: &[Range<u64>], block: u64) -> bool {
 fn fill_block(rng: &mut SmallRng, block: &mut [u8]) {
     for piece in block.chunks_mut(512) {
         match rng.random_range(0..8u8) {
-            0 | 1 => rng.fill_bytes(piece),
-            2..=4 => {
+            0 => rng.fill_bytes(piece),
+            1..=4 => {
                 let pattern: [u8; 8] = rng.random();
                 for (i, b) in piece.iter_mut().enumerate() {
                     *b = pattern[i % 8];
