@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 mod file;
+pub mod shared_cache;
 
 pub use file::FileStore;
 
