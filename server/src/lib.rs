@@ -1,1 +1,3 @@
 //! thaw-server: the engine and the `thaw` command line.
+
+pub mod cache;
