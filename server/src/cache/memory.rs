@@ -654,9 +654,9 @@ mod tests {
     }
 
     fn sizes() -> (u64, u64) {
-        // Keep Miri runs small (one 2 MiB mapping); 3 mappings' worth natively.
+        // Keep Miri runs small (it interprets every byte of the pattern); 3 huge pages natively.
         if cfg!(miri) {
-            (M2 - K4 - 100, K4)
+            (16 * K4 - 100, K4)
         } else {
             (3 * M2 - 100, K4)
         }
@@ -888,9 +888,8 @@ mod tests {
     #[test]
     fn edge_inputs_never_panic() {
         let cache = ChunkCache::new(M2, K4).unwrap();
-        let mut g = cache.reserve_fill(0..512).unwrap();
-        fill_pattern(g.buf(), 0);
-        let _ = g.commit_all();
+        // Contents do not matter here, only presence.
+        let _ = cache.reserve_fill(0..512).unwrap().commit_all();
         assert!(cache.get(0, 0).is_none());
         assert!(cache.get(M2, 1).is_none());
         assert!(cache.get(M2 - 1, 2).is_none());
@@ -956,13 +955,14 @@ mod tests {
     #[test]
     fn reset_forgets_everything() {
         let mut cache = ChunkCache::new(M2, K4).unwrap();
-        let mut g = cache.reserve_fill(0..512).unwrap();
+        let n = if cfg!(miri) { 16 } else { 512 };
+        let mut g = cache.reserve_fill(0..n).unwrap();
         fill_pattern(g.buf(), 0);
         let _ = g.commit_all();
         cache.reset();
         assert_eq!(cache.present_count(), 0);
         assert!(cache.get(0, 1).is_none());
-        let mut g = cache.reserve_fill(0..512).unwrap();
+        let mut g = cache.reserve_fill(0..n).unwrap();
         if !cfg!(miri) {
             assert!(
                 g.buf().iter().all(|&b| b == 0),
