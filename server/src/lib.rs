@@ -1,11 +1,16 @@
 //! thaw-server: the engine and the `thaw` command line.
 //!
-//! - [`store`]: the object-store interface and the local directory store;
+//! - [`store`]: the object-store interface, the local directory store and the shared directory
+//!   cache tier;
+//! - [`cache`]: per-build-file cache memory (2 MiB-aligned, hugepage-advised) with a lock-free
+//!   presence bitmap and exclusive fill guards — the engine's hit path;
 //! - [`layout`]: finding a build file's header and each referenced build's data object;
 //! - [`writer`]: storing a build file (data object, then header) — the one write path;
 //! - [`flatten`]: the reference reader, a simple whole-device resolver used as test oracle;
+//! - [`chain`]: layered test chains and their flattened images;
 //! - [`cli`]: the `thaw` subcommands.
 
+pub mod cache;
 pub mod chain;
 pub mod cli;
 pub mod flatten;
