@@ -23,6 +23,10 @@ pub struct FileStore {
 }
 
 impl FileStore {
+    /// Step of progressive reads ([`Store::read_range_progress`]): one `pread` and one progress
+    /// report per 256 KiB.
+    pub const PROGRESS_BATCH: usize = 256 * 1024;
+
     /// A store rooted at `root` (which should be absolute; it need not exist yet).
     pub fn new(root: PathBuf) -> Self {
         Self { root }
@@ -80,6 +84,44 @@ impl FileStore {
         Ok(file)
     }
 
+    /// Refuses ranges whose end overflows `u64`.
+    fn check_range(&self, key: &str, offset: u64, len: usize) -> Result<(), StoreError> {
+        let len = u64::try_from(len).unwrap_or(u64::MAX);
+        if offset.checked_add(len).is_none() {
+            return Err(self.err(
+                StoreErrorKind::InvalidKey,
+                key,
+                format!("range at {offset} of {len} bytes overflows"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The error of a failed read of `[offset, offset + len)`: past the end is
+    /// [`StoreErrorKind::Truncated`].
+    fn read_err(
+        &self,
+        file: &File,
+        key: &str,
+        offset: u64,
+        len: usize,
+        e: io::Error,
+    ) -> StoreError {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            let end = offset.saturating_add(u64::try_from(len).unwrap_or(u64::MAX));
+            let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+            self.err(
+                StoreErrorKind::Truncated,
+                key,
+                format!(
+                    "range [{offset}, {end}) extends past the end of the object ({size} bytes)"
+                ),
+            )
+        } else {
+            self.io_err(key, "read", e)
+        }
+    }
+
     /// Writes `data` to `path` atomically (temp file, fsync, rename, fsync dir).
     fn write_atomic(&self, key: &str, path: &Path, data: &[u8]) -> Result<(), StoreError> {
         let mut pending = PendingFile::create(self, key, path)?;
@@ -121,29 +163,35 @@ impl Store for FileStore {
     }
 
     fn read_range(&self, key: &str, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
-        let len = u64::try_from(buf.len()).unwrap_or(u64::MAX);
-        let Some(end) = offset.checked_add(len) else {
-            return Err(self.err(
-                StoreErrorKind::InvalidKey,
-                key,
-                format!("range at {offset} of {len} bytes overflows"),
-            ));
-        };
+        self.check_range(key, offset, buf.len())?;
         let file = self.open(key)?;
-        file.read_exact_at(buf, offset).map_err(|e| {
-            if e.kind() == io::ErrorKind::UnexpectedEof {
-                let size = file.metadata().map(|m| m.len()).unwrap_or(0);
-                self.err(
-                    StoreErrorKind::Truncated,
-                    key,
-                    format!(
-                        "range [{offset}, {end}) extends past the end of the object ({size} bytes)"
-                    ),
-                )
-            } else {
-                self.io_err(key, "read", e)
-            }
-        })
+        file.read_exact_at(buf, offset)
+            .map_err(|e| self.read_err(&file, key, offset, buf.len(), e))
+    }
+
+    /// Reads in [`FileStore::PROGRESS_BATCH`] steps (one `pread` each), reporting after each step.
+    fn read_range_progress(
+        &self,
+        key: &str,
+        offset: u64,
+        buf: &mut [u8],
+        progress: &mut dyn FnMut(usize),
+    ) -> Result<(), StoreError> {
+        self.check_range(key, offset, buf.len())?;
+        let file = self.open(key)?;
+        let len = buf.len();
+        let mut done = 0usize;
+        for batch in buf.chunks_mut(Self::PROGRESS_BATCH) {
+            let at = offset.saturating_add(u64::try_from(done).unwrap_or(u64::MAX));
+            file.read_exact_at(batch, at)
+                .map_err(|e| self.read_err(&file, key, offset, len, e))?;
+            done = done.saturating_add(batch.len());
+            progress(done);
+        }
+        if len == 0 {
+            progress(0);
+        }
+        Ok(())
     }
 
     fn stat(&self, key: &str) -> Result<ObjectInfo, StoreError> {

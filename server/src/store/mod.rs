@@ -4,8 +4,9 @@
 //! defines the synchronous [`Store`] interface every backend implements (the io_uring engine wraps
 //! it later), its error type, and [`open_store`], which turns a store URL into a backend.
 //!
-//! Supported today: the local directory store ([`FileStore`], `file:///abs/dir` or a bare path).
-//! `gs://`, `s3://` and `sim:` are recognised and refused with an "not supported yet" error.
+//! Supported today: the local directory store ([`FileStore`], `file:///abs/dir` or a bare path)
+//! and the simulated store ([`SimStore`], `sim:ttfb=20ms,bw=100MB/s,inner=file:///dir`, see
+//! [`sim`]). `gs://` and `s3://` are recognised and refused with an "not supported yet" error.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -14,8 +15,10 @@ use std::sync::Arc;
 
 mod file;
 pub mod shared_cache;
+pub mod sim;
 
 pub use file::FileStore;
+pub use sim::SimStore;
 
 /// Custom object metadata attached on upload.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -220,6 +223,28 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// ([`StoreErrorKind::Truncated`]), never data.
     fn read_range(&self, key: &str, offset: u64, buf: &mut [u8]) -> Result<(), StoreError>;
 
+    /// [`Store::read_range`], reporting progress as the bytes land.
+    ///
+    /// Bytes are written into `buf` front to back. `progress(n)` is called with the cumulative
+    /// number of leading bytes of `buf` that are final (non-decreasing), at least once at the end
+    /// with `n == buf.len()` on success. On error, the bytes already reported stay valid, but the
+    /// call fails: the caller decides what to keep (the engine never marks anything present from
+    /// a failed fetch of a compressed frame). Nothing is promised about bytes past the last
+    /// reported count.
+    ///
+    /// The default reads the whole range with [`Store::read_range`], then reports `buf.len()`.
+    fn read_range_progress(
+        &self,
+        key: &str,
+        offset: u64,
+        buf: &mut [u8],
+        progress: &mut dyn FnMut(usize),
+    ) -> Result<(), StoreError> {
+        self.read_range(key, offset, buf)?;
+        progress(buf.len());
+        Ok(())
+    }
+
     /// Size (and e2b's `uncompressed-size` metadata / file-store sidecar, when present).
     fn stat(&self, key: &str) -> Result<ObjectInfo, StoreError>;
 
@@ -243,7 +268,9 @@ pub trait Store: Send + Sync + fmt::Debug {
 /// - `file:///abs/dir`: the local directory store rooted at `/abs/dir`;
 /// - a bare absolute or relative path: the same, for convenience (relative paths are resolved
 ///   against the current directory);
-/// - `gs://`, `s3://`, `sim:` and any other scheme: [`StoreErrorKind::Unsupported`].
+/// - `sim:PARAMS,inner=URL`: the simulated store ([`SimStore`]) around the store named by `URL`;
+///   bad parameters are [`StoreErrorKind::InvalidUrl`];
+/// - `gs://`, `s3://` and any other scheme: [`StoreErrorKind::Unsupported`].
 ///
 /// The directory need not exist yet: writes create it, reads report [`StoreErrorKind::NotFound`].
 pub fn open_store(url: &str) -> Result<Arc<dyn Store>, StoreError> {
@@ -266,11 +293,13 @@ pub fn open_store(url: &str) -> Result<Arc<dyn Store>, StoreError> {
         }
         return Ok(Arc::new(FileStore::new(PathBuf::from(rest))));
     }
+    if url.starts_with("sim:") {
+        return Ok(Arc::new(SimStore::open(url)?));
+    }
     if let Some(scheme) = url_scheme(url) {
         let what = match scheme {
             "gs" => "Google Cloud Storage (gs://)",
             "s3" => "S3 (s3://)",
-            "sim" => "the simulated store (sim:)",
             _ => "this scheme",
         };
         return Err(StoreError::new(
@@ -311,17 +340,29 @@ mod tests {
 
     #[test]
     fn schemes_are_refused_clearly() {
-        for url in [
-            "gs://bucket/prefix",
-            "s3://bucket",
-            "sim:ttfb=60ms",
-            "http://x",
-        ] {
+        for url in ["gs://bucket/prefix", "s3://bucket", "http://x"] {
             let err = open_store(url).unwrap_err();
             assert_eq!(err.kind(), StoreErrorKind::Unsupported, "{url}");
             assert!(err.to_string().contains("not supported yet"), "{err}");
             assert!(err.to_string().contains(url), "{err}");
         }
+    }
+
+    #[test]
+    fn sim_urls_open_or_fail_clearly() {
+        let store = open_store("sim:ttfb=20ms,bw=100MB/s,inner=file:///srv/b").unwrap();
+        assert_eq!(
+            store.url(),
+            "sim:ttfb=20ms,bw=100MB/s,chunk=64KiB,inner=file:///srv/b"
+        );
+        for url in ["sim:ttfb=60ms", "sim:", "sim:colour=blue,inner=/x"] {
+            let err = open_store(url).unwrap_err();
+            assert_eq!(err.kind(), StoreErrorKind::InvalidUrl, "{url}");
+        }
+        assert_eq!(
+            open_store("sim:inner=gs://b").unwrap_err().kind(),
+            StoreErrorKind::Unsupported
+        );
     }
 
     #[test]
