@@ -22,9 +22,9 @@
 //!
 //! # Safety model
 //!
-//! The only `unsafe` code here is the CPU pinning ([`pin_current_thread`]): libc's `cpu_set_t`
-//! helpers and `sched_getaffinity`/`sched_setaffinity`, which read and write a local, fully
-//! initialised `cpu_set_t` whose size is passed alongside it.
+//! The only `unsafe` code here is the CPU pinning (`pin_current_thread`, `allowed_cpus`):
+//! libc's `cpu_set_t` helpers and `sched_getaffinity`/`sched_setaffinity`, which read and write a
+//! local, fully initialised `cpu_set_t` whose size is passed alongside it.
 
 use std::any::Any;
 use std::cell::Cell;

@@ -157,7 +157,7 @@ fn reslice<T: IoBufMut>(slice: Slice<T>, n: usize) -> Slice<T> {
 }
 
 /// A pool of buffers registered with the current worker's ring. A ring holds one registered set
-/// at a time, so create one pool per worker (registering a second set fails with `EBUSY`).
+/// at a time, so create one pool per worker (registering a second set fails).
 /// The pool is `!Send`: it belongs to its worker.
 #[derive(Clone)]
 pub struct FixedPool {
