@@ -15,5 +15,7 @@ pub mod chain;
 pub mod cli;
 pub mod flatten;
 pub mod layout;
+pub mod runtime;
 pub mod store;
+pub mod uring;
 pub mod writer;
