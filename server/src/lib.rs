@@ -8,6 +8,8 @@
 //! - [`writer`]: storing a build file (data object, then header) — the one write path;
 //! - [`flatten`]: the reference reader, a simple whole-device resolver used as test oracle;
 //! - [`chain`]: layered test chains and their flattened images;
+//! - [`runtime`]: thread-per-core workers, each a tokio-uring runtime (spawn on a core, wake
+//!   across cores); [`uring`]: io_uring reads (owned, registered and foreign-memory buffers);
 //! - [`cli`]: the `thaw` subcommands.
 
 pub mod cache;
