@@ -48,30 +48,8 @@ impl FileStore {
     /// The path of `key`, after checking it is a relative `/`-separated path with no empty,
     /// `.` or `..` segments.
     fn path(&self, key: &str) -> Result<PathBuf, StoreError> {
-        if key.is_empty() {
-            return Err(self.err(StoreErrorKind::InvalidKey, key, "empty key"));
-        }
-        if key.starts_with('/') {
-            return Err(self.err(StoreErrorKind::InvalidKey, key, "absolute keys are refused"));
-        }
-        if key.contains('\0') {
-            return Err(self.err(StoreErrorKind::InvalidKey, key, "NUL byte in key"));
-        }
-        let mut path = self.root.clone();
-        for segment in key.split('/') {
-            match segment {
-                "" => return Err(self.err(StoreErrorKind::InvalidKey, key, "empty path segment")),
-                "." | ".." => {
-                    return Err(self.err(
-                        StoreErrorKind::InvalidKey,
-                        key,
-                        format!("path segment {segment:?} is refused"),
-                    ));
-                }
-                s => path.push(s),
-            }
-        }
-        Ok(path)
+        super::join_key(&self.root, key)
+            .map_err(|reason| self.err(StoreErrorKind::InvalidKey, key, reason))
     }
 
     fn open(&self, key: &str) -> Result<File, StoreError> {

@@ -334,6 +334,30 @@ fn url_scheme(url: &str) -> Option<&str> {
     }
 }
 
+/// Joins a `/`-separated object key onto `root`, refusing keys that could name anything outside
+/// it: empty keys, absolute keys, NUL bytes, and empty, `.` or `..` segments. The error is the
+/// reason, for an [`StoreErrorKind::InvalidKey`] error naming the store and key.
+pub(crate) fn join_key(root: &std::path::Path, key: &str) -> Result<std::path::PathBuf, String> {
+    if key.is_empty() {
+        return Err("empty key".to_string());
+    }
+    if key.starts_with('/') {
+        return Err("absolute keys are refused".to_string());
+    }
+    if key.contains('\0') {
+        return Err("NUL byte in key".to_string());
+    }
+    let mut path = root.to_path_buf();
+    for segment in key.split('/') {
+        match segment {
+            "" => return Err("empty path segment".to_string()),
+            "." | ".." => return Err(format!("path segment {segment:?} is refused")),
+            s => path.push(s),
+        }
+    }
+    Ok(path)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

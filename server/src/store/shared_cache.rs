@@ -236,30 +236,8 @@ impl SharedCache {
     /// The cache directory of object `key`, after the same checks as the file store: a relative
     /// `/`-separated path with no empty, `.` or `..` segments and no NUL byte.
     pub fn object_dir(&self, key: &str) -> Result<PathBuf, StoreError> {
-        if key.is_empty() {
-            return Err(self.err(StoreErrorKind::InvalidKey, key, "empty key"));
-        }
-        if key.starts_with('/') {
-            return Err(self.err(StoreErrorKind::InvalidKey, key, "absolute keys are refused"));
-        }
-        if key.contains('\0') {
-            return Err(self.err(StoreErrorKind::InvalidKey, key, "NUL byte in key"));
-        }
-        let mut path = self.root.clone();
-        for segment in cache_dir(key).split('/') {
-            match segment {
-                "" => return Err(self.err(StoreErrorKind::InvalidKey, key, "empty path segment")),
-                "." | ".." => {
-                    return Err(self.err(
-                        StoreErrorKind::InvalidKey,
-                        key,
-                        format!("path segment {segment:?} is refused"),
-                    ));
-                }
-                s => path.push(s),
-            }
-        }
-        Ok(path)
+        super::join_key(&self.root, cache_dir(key))
+            .map_err(|reason| self.err(StoreErrorKind::InvalidKey, key, reason))
     }
 
     /// Path of the frame file `{root}/{object}/{%016x start_c}-{%x size_c}.frm`.
