@@ -79,39 +79,24 @@ fn check_range(len: usize, offset: u64) -> io::Result<()> {
 /// is full is an [`io::ErrorKind::UnexpectedEof`] error; the bytes read so far are then in the
 /// buffer but must not be used. The buffer comes back in every case.
 pub async fn read_exact_at<B: BoundedBufMut>(file: &File, buf: B, offset: u64) -> BufResult<(), B> {
-    if let Err(error) = check_context().and_then(|()| check_range(buf.bytes_total(), offset)) {
-        return (Err(error), buf);
-    }
-    let bounds = buf.bounds();
-    let mut slice = buf.slice_full();
-    let mut pos = offset;
-    let mut result = Ok(());
-    while slice.bytes_total() != 0 {
-        let (res, back) = file.read_at(slice, pos).await;
-        match res {
-            Ok(0) => {
-                result = Err(eof());
-                slice = back;
-                break;
-            }
-            Ok(n) => {
-                pos = advance(pos, n);
-                slice = reslice(back, n);
-            }
-            Err(error) => {
-                result = Err(error);
-                slice = back;
-                break;
-            }
-        }
-    }
-    (result, B::from_buf_bounds(slice.into_inner(), bounds))
+    read_exact_with(buf, offset, |slice, pos| file.read_at(slice, pos)).await
 }
 
 /// [`read_exact_at`] with a registered buffer from a [`FixedPool`] (`IORING_OP_READ_FIXED`).
 pub async fn read_fixed_exact_at<B>(file: &File, buf: B, offset: u64) -> BufResult<(), B>
 where
     B: BoundedBufMut<BufMut = FixedBuf>,
+{
+    read_exact_with(buf, offset, |slice, pos| file.read_fixed_at(slice, pos)).await
+}
+
+/// The fill loop shared by the plain and the registered-buffer reads: `read` issues one read of
+/// the remaining slice at `pos`; short reads continue where they stopped, `Ok(0)` is end of file.
+async fn read_exact_with<B, R, Fut>(buf: B, offset: u64, mut read: R) -> BufResult<(), B>
+where
+    B: BoundedBufMut,
+    R: FnMut(Slice<B::BufMut>, u64) -> Fut,
+    Fut: std::future::Future<Output = BufResult<usize, Slice<B::BufMut>>>,
 {
     if let Err(error) = check_context().and_then(|()| check_range(buf.bytes_total(), offset)) {
         return (Err(error), buf);
@@ -121,7 +106,7 @@ where
     let mut pos = offset;
     let mut result = Ok(());
     while slice.bytes_total() != 0 {
-        let (res, back) = file.read_fixed_at(slice, pos).await;
+        let (res, back) = read(slice, pos).await;
         match res {
             Ok(0) => {
                 result = Err(eof());
