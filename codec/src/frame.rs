@@ -928,3 +928,272 @@ mod tests {
         assert_eq!(&frame[frame.len() - 4..], &[0, 0, 0, 0]);
     }
 }
+
+/// Largest zstd frame header (magic, descriptor, window, dictionary id, content size).
+const ZSTD_MAX_HEADER: usize = 18;
+
+/// Decodes one frame progressively as its compressed bytes arrive, straight into the caller's
+/// destination (the cache memory), so a fetch need not wait for the whole frame before decoding.
+///
+/// - zstd: streamed through one reused decompression context; the frame header's declared
+///   content size and window are checked (as in [`FrameDecoder::decode`]) before any byte is
+///   decoded;
+/// - LZ4 and uncompressed: the compressed bytes are gathered and decoded by
+///   [`FrameDecoder::decode`] in [`finish`](Self::finish) (LZ4 blocks are small and decode at
+///   several GB/s; streaming them buys nothing).
+///
+/// The destination holds verified bytes only once [`finish`](Self::finish) returned `Ok`: the
+/// frame then decoded to exactly `dst.len()` bytes, its checksums passed and no byte trailed it.
+/// Pass the same `dst` to every call of one frame.
+pub struct StreamDecoder {
+    decoder: FrameDecoder,
+    state: StreamState,
+}
+
+/// Progress of the frame being decoded.
+#[derive(Debug)]
+struct StreamState {
+    compression: CompressionType,
+    /// zstd: the header has been checked and the context reset.
+    started: bool,
+    /// zstd: bytes of an incomplete header, held until it can be checked.
+    head: Vec<u8>,
+    /// zstd: decoded bytes written to `dst`.
+    out_pos: usize,
+    /// zstd: the decoder reported the end of the frame (checksum verified).
+    ended: bool,
+    /// Compressed bytes fed so far.
+    fed: u64,
+    /// LZ4 / none: the gathered compressed frame.
+    gathered: Vec<u8>,
+}
+
+impl fmt::Debug for StreamDecoder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StreamDecoder")
+            .field("state", &self.state)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for StreamDecoder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl StreamDecoder {
+    /// A decoder with no frame started; call [`begin`](Self::begin) for each frame.
+    pub fn new() -> Self {
+        Self {
+            decoder: FrameDecoder::new(),
+            state: StreamState {
+                compression: CompressionType::None,
+                started: false,
+                head: Vec::new(),
+                out_pos: 0,
+                ended: false,
+                fed: 0,
+                gathered: Vec::new(),
+            },
+        }
+    }
+
+    /// Starts a new frame of codec `compression` (forgets any earlier one).
+    pub fn begin(&mut self, compression: CompressionType) {
+        let s = &mut self.state;
+        s.compression = compression;
+        s.started = false;
+        s.head.clear();
+        s.out_pos = 0;
+        s.ended = false;
+        s.fed = 0;
+        s.gathered.clear();
+    }
+
+    /// Compressed bytes fed since [`begin`](Self::begin).
+    pub fn fed(&self) -> u64 {
+        self.state.fed
+    }
+
+    /// Feeds the next compressed bytes of the frame; zstd output goes into `dst` (the whole
+    /// frame's destination, of exactly its declared uncompressed size).
+    ///
+    /// # Errors
+    /// As [`FrameDecoder::decode`]: a header declaring another size or too large a window, corrupt
+    /// data, a checksum failure, or bytes after the end of the frame.
+    pub fn feed(&mut self, input: &[u8], dst: &mut [u8]) -> Result<()> {
+        self.state.fed = self
+            .state
+            .fed
+            .saturating_add(u64::try_from(input.len()).unwrap_or(u64::MAX));
+        let dst_len = u64::try_from(dst.len()).unwrap_or(u64::MAX);
+        if dst_len > u64::from(MAX_FRAME_SIZE) {
+            return Err(CodecError::too_large(
+                "frame destination",
+                dst_len,
+                u64::from(MAX_FRAME_SIZE),
+            ));
+        }
+        match self.state.compression {
+            CompressionType::Zstd => self.feed_zstd(input, dst),
+            CompressionType::Lz4 | CompressionType::None => {
+                let cap = usize::try_from(MAX_FRAME_SIZE).unwrap_or(usize::MAX);
+                if self.state.gathered.len().saturating_add(input.len()) > cap {
+                    return Err(CodecError::too_large(
+                        "compressed frame",
+                        self.state.fed,
+                        u64::from(MAX_FRAME_SIZE),
+                    ));
+                }
+                self.state.gathered.extend_from_slice(input);
+                Ok(())
+            }
+        }
+    }
+
+    /// Ends the frame: `Ok` only if it decoded to exactly `dst.len()` bytes with every checksum
+    /// verified and nothing after it.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Truncated`] when the input ended before the frame did, and the errors of
+    /// [`feed`](Self::feed).
+    pub fn finish(&mut self, dst: &mut [u8]) -> Result<()> {
+        match self.state.compression {
+            CompressionType::Zstd => {
+                const WHAT: &str = "zstd frame";
+                if !self.state.started {
+                    // Not even a whole header: let the one-shot decoder name the problem.
+                    let head = std::mem::take(&mut self.state.head);
+                    return self.decoder.decode(CompressionType::Zstd, &head, dst);
+                }
+                if !self.state.ended {
+                    if self.state.out_pos >= dst.len() {
+                        return Err(size_mismatch(WHAT, dst.len(), "more bytes".to_string()));
+                    }
+                    return Err(CodecError::new(
+                        ErrorKind::Truncated,
+                        WHAT,
+                        format!(
+                            "input ended after {} bytes, before the end of the frame",
+                            self.state.fed
+                        ),
+                    ));
+                }
+                if self.state.out_pos != dst.len() {
+                    return Err(size_mismatch(
+                        WHAT,
+                        dst.len(),
+                        format!("{} bytes", self.state.out_pos),
+                    ));
+                }
+                Ok(())
+            }
+            compression => {
+                let gathered = std::mem::take(&mut self.state.gathered);
+                let res = self.decoder.decode(compression, &gathered, dst);
+                self.state.gathered = gathered;
+                self.state.gathered.clear();
+                res
+            }
+        }
+    }
+
+    fn feed_zstd(&mut self, input: &[u8], dst: &mut [u8]) -> Result<()> {
+        const WHAT: &str = "zstd frame";
+        let mut input = input;
+        if !self.state.started {
+            // Hold bytes until the header can be checked (C3: before decoding anything).
+            let take = ZSTD_MAX_HEADER
+                .saturating_sub(self.state.head.len())
+                .min(input.len());
+            let (now, rest) = input.split_at(take);
+            self.state.head.extend_from_slice(now);
+            input = rest;
+            let header = match zstd_frame_header(&self.state.head) {
+                Ok(h) => h,
+                Err(e) if e.kind() == ErrorKind::Truncated && input.is_empty() => {
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            };
+            let cap = u64::from(MAX_FRAME_SIZE);
+            if let Some(size) = header.content_size {
+                if size > cap {
+                    return Err(CodecError::too_large("zstd frame content size", size, cap));
+                }
+                if size != dst.len() as u64 {
+                    return Err(size_mismatch(
+                        WHAT,
+                        dst.len(),
+                        format!("content size {size}"),
+                    ));
+                }
+            }
+            if header.window_size > cap {
+                return Err(CodecError::too_large(
+                    "zstd frame window",
+                    header.window_size,
+                    cap,
+                ));
+            }
+            self.decoder
+                .zstd_context()?
+                .reset(ResetDirective::SessionOnly)
+                .map_err(|code| zstd_error(WHAT, code))?;
+            self.state.started = true;
+            let head = std::mem::take(&mut self.state.head);
+            let res = self.decode_zstd_bytes(&head, dst);
+            self.state.head = head;
+            self.state.head.clear();
+            res?;
+        }
+        self.decode_zstd_bytes(input, dst)
+    }
+
+    fn decode_zstd_bytes(&mut self, src: &[u8], dst: &mut [u8]) -> Result<()> {
+        const WHAT: &str = "zstd frame";
+        if src.is_empty() {
+            return Ok(());
+        }
+        if self.state.ended {
+            return Err(CodecError::corrupt(
+                WHAT,
+                format!("{} trailing bytes after the frame", src.len()),
+            ));
+        }
+        let out = dst.get_mut(self.state.out_pos..).unwrap_or_default();
+        let dctx = self.decoder.zstd_context()?;
+        let mut input = InBuffer::around(src);
+        let mut output = OutBuffer::around(out);
+        loop {
+            let before = (input.pos(), output.pos());
+            let hint = dctx
+                .decompress_stream(&mut output, &mut input)
+                .map_err(|code| zstd_error(WHAT, code))?;
+            if hint == 0 {
+                self.state.ended = true;
+                break;
+            }
+            if input.pos() == src.len() {
+                // All input consumed: the rest of the frame comes with the next feed.
+                break;
+            }
+            if (input.pos(), output.pos()) == before {
+                // Output full while the frame goes on: more bytes than declared.
+                return Err(size_mismatch(WHAT, dst.len(), "more bytes".to_string()));
+            }
+        }
+        self.state.out_pos = self.state.out_pos.saturating_add(output.pos());
+        if self.state.ended && input.pos() != src.len() {
+            return Err(CodecError::corrupt(
+                WHAT,
+                format!(
+                    "{} trailing bytes after the frame",
+                    src.len().saturating_sub(input.pos())
+                ),
+            ));
+        }
+        Ok(())
+    }
+}

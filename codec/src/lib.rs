@@ -17,7 +17,7 @@ pub mod header;
 pub mod names;
 
 pub use error::{CodecError, ErrorKind, Result};
-pub use frame::{FrameDecoder, FrameEncoder};
+pub use frame::{FrameDecoder, FrameEncoder, StreamDecoder};
 pub use frame_table::{CompressionType, Frame, FrameTable};
 pub use header::{BuildData, Header, Mapping, Metadata, ResolvedMapping};
 pub use names::FileKind;
