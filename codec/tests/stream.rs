@@ -1,4 +1,8 @@
 #![allow(clippy::tests_outside_test_module, reason = "integration test crate")]
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "test pattern bytes wrap on purpose"
+)]
 //! Progressive frame decoding (`StreamDecoder`) agrees with the one-shot decoder and refuses
 //! the same bad frames.
 
@@ -7,7 +11,13 @@ use thaw_codec::{CompressionType, ErrorKind, FrameEncoder, StreamDecoder};
 fn data(len: usize) -> Vec<u8> {
     // ~3x compressible: runs of repeated bytes mixed with a counter.
     (0..len)
-        .map(|i| if (i / 64) % 3 == 0 { (i % 251) as u8 } else { (i / 4096) as u8 })
+        .map(|i| {
+            if (i / 64) % 3 == 0 {
+                (i % 251) as u8
+            } else {
+                (i / 4096) as u8
+            }
+        })
         .collect()
 }
 
@@ -64,7 +74,10 @@ fn truncated_frames_fail_at_finish() {
             let mut dst = vec![0u8; src.len()];
             let err = stream(c, &frame[..cut], &mut dst, 65_536).unwrap_err();
             assert!(
-                matches!(err.kind(), ErrorKind::Truncated | ErrorKind::SizeMismatch | ErrorKind::Corrupt),
+                matches!(
+                    err.kind(),
+                    ErrorKind::Truncated | ErrorKind::SizeMismatch | ErrorKind::Corrupt
+                ),
                 "{c:?} cut {cut}: {err}"
             );
         }
@@ -80,7 +93,10 @@ fn corrupt_frames_are_refused() {
             let mut bad = frame.clone();
             bad[at] ^= 0x5a;
             let mut dst = vec![0u8; src.len()];
-            assert!(stream(c, &bad, &mut dst, 65_536).is_err(), "{c:?} flip at {at}");
+            assert!(
+                stream(c, &bad, &mut dst, 65_536).is_err(),
+                "{c:?} flip at {at}"
+            );
         }
     }
 }
@@ -91,14 +107,23 @@ fn wrong_sizes_and_trailing_bytes_are_refused() {
     for c in CODECS {
         let frame = encode(c, &src);
         let mut short = vec![0u8; src.len() - 4096];
-        assert!(stream(c, &frame, &mut short, 65_536).is_err(), "{c:?} short dst");
+        assert!(
+            stream(c, &frame, &mut short, 65_536).is_err(),
+            "{c:?} short dst"
+        );
         let mut long = vec![0u8; src.len() + 4096];
-        assert!(stream(c, &frame, &mut long, 65_536).is_err(), "{c:?} long dst");
+        assert!(
+            stream(c, &frame, &mut long, 65_536).is_err(),
+            "{c:?} long dst"
+        );
         if c != CompressionType::None {
             let mut trailing = frame.clone();
             trailing.extend_from_slice(&frame[..64]);
             let mut dst = vec![0u8; src.len()];
-            assert!(stream(c, &trailing, &mut dst, 65_536).is_err(), "{c:?} trailing");
+            assert!(
+                stream(c, &trailing, &mut dst, 65_536).is_err(),
+                "{c:?} trailing"
+            );
         }
     }
 }

@@ -15,6 +15,7 @@
 pub mod cache;
 pub mod chain;
 pub mod cli;
+pub mod engine;
 pub mod flatten;
 pub mod layout;
 pub mod runtime;

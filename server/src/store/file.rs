@@ -8,6 +8,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
+use std::ops::ControlFlow;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -170,6 +171,33 @@ impl Store for FileStore {
             progress(0);
         }
         Ok(())
+    }
+
+    /// Reads in [`FileStore::PROGRESS_BATCH`] steps (one `pread` each into a reused buffer).
+    fn read_stream(
+        &self,
+        key: &str,
+        offset: u64,
+        len: u64,
+        sink: &mut dyn FnMut(&[u8]) -> ControlFlow<()>,
+    ) -> Result<u64, StoreError> {
+        let total = usize::try_from(len).unwrap_or(usize::MAX);
+        self.check_range(key, offset, total)?;
+        let file = self.open(key)?;
+        let mut buf = vec![0u8; Self::PROGRESS_BATCH.min(total)];
+        let mut done = 0u64;
+        while done < len {
+            let n = usize::try_from((len - done).min(Self::PROGRESS_BATCH as u64))
+                .unwrap_or(Self::PROGRESS_BATCH);
+            let piece = buf.get_mut(..n).unwrap_or_default();
+            file.read_exact_at(piece, offset.saturating_add(done))
+                .map_err(|e| self.read_err(&file, key, offset, total, e))?;
+            done = done.saturating_add(n as u64);
+            if sink(piece).is_break() {
+                break;
+            }
+        }
+        Ok(done)
     }
 
     fn stat(&self, key: &str) -> Result<ObjectInfo, StoreError> {

@@ -10,6 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -243,6 +244,36 @@ pub trait Store: Send + Sync + fmt::Debug {
         self.read_range(key, offset, buf)?;
         progress(buf.len());
         Ok(())
+    }
+
+    /// Streams the bytes `[offset, offset + len)` of `key` to `sink`, front to back, in pieces
+    /// as they arrive (the engine copies or decodes each piece into cache memory and wakes the
+    /// readers whose blocks it completed). `sink` may answer [`ControlFlow::Break`] to stop the
+    /// transfer early (the rest is not needed any more); the call then returns `Ok` with the
+    /// bytes delivered so far. A body that ends early is an error
+    /// ([`StoreErrorKind::Truncated`]); the pieces delivered before it are real bytes of the
+    /// object, but the call failed.
+    ///
+    /// The default reads the whole range with [`Store::read_range`] and delivers it at once.
+    fn read_stream(
+        &self,
+        key: &str,
+        offset: u64,
+        len: u64,
+        sink: &mut dyn FnMut(&[u8]) -> ControlFlow<()>,
+    ) -> Result<u64, StoreError> {
+        let n = usize::try_from(len).map_err(|_| {
+            StoreError::new(
+                StoreErrorKind::TooLarge,
+                self.url(),
+                key,
+                format!("range of {len} bytes does not fit in memory"),
+            )
+        })?;
+        let mut buf = vec![0u8; n];
+        self.read_range(key, offset, &mut buf)?;
+        let _ = sink(&buf);
+        Ok(len)
     }
 
     /// Size (and e2b's `uncompressed-size` metadata / file-store sidecar, when present).

@@ -14,6 +14,7 @@
 //! `docs/sim-store.md`.
 
 use std::fmt;
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -780,7 +781,7 @@ impl SimStore {
         len: usize,
         plan: &Plan,
         fill: &mut dyn FnMut(usize, usize) -> Result<(), StoreError>,
-        progress: &mut dyn FnMut(usize),
+        progress: &mut dyn FnMut(usize) -> ControlFlow<()>,
     ) -> Result<(), StoreError> {
         let cut = plan.truncate.map(|r| fraction_of(r, len));
         let limit = cut.unwrap_or(len);
@@ -831,7 +832,9 @@ impl SimStore {
             self.counters
                 .bytes_delivered
                 .fetch_add(u64::try_from(n).unwrap_or(u64::MAX), Ordering::Relaxed);
-            progress(end);
+            if progress(end).is_break() {
+                return Ok(());
+            }
             pos = end;
         }
         if let Some(cut) = cut {
@@ -845,7 +848,7 @@ impl SimStore {
             ));
         }
         if len == 0 {
-            progress(0);
+            let _ = progress(0);
         }
         Ok(())
     }
@@ -928,7 +931,68 @@ impl Store for SimStore {
             })?;
             inner.read_range(key, at, dst)
         };
-        self.deliver(key, len, &plan, &mut fill, progress)
+        self.deliver(key, len, &plan, &mut fill, &mut |n| {
+            progress(n);
+            ControlFlow::Continue(())
+        })
+    }
+
+    /// Paced like [`Store::read_range_progress`]: each step is read from the inner store and
+    /// handed to `sink` when the simulated link delivers it.
+    fn read_stream(
+        &self,
+        key: &str,
+        offset: u64,
+        len: u64,
+        sink: &mut dyn FnMut(&[u8]) -> ControlFlow<()>,
+    ) -> Result<u64, StoreError> {
+        let start = Instant::now();
+        bump(&self.counters.reads);
+        let _in_flight = self.in_flight();
+        let plan = self.plan(true);
+        let total = usize::try_from(len).map_err(|_| {
+            self.err(
+                StoreErrorKind::TooLarge,
+                key,
+                "range does not fit in memory",
+            )
+        })?;
+        if offset.checked_add(len).is_none() {
+            return Err(self.err(
+                StoreErrorKind::InvalidKey,
+                key,
+                format!("range at {offset} of {len} bytes overflows"),
+            ));
+        }
+        self.first_byte(key, start, &plan)?;
+        if total == 0 {
+            self.inner.read_range(key, offset, &mut [])?;
+            return Ok(0);
+        }
+        let step = std::cell::RefCell::new((vec![0u8; self.config.chunk.min(total)], 0usize));
+        let inner = &self.inner;
+        let mut fill = |from: usize, to: usize| -> Result<(), StoreError> {
+            let at = offset.saturating_add(u64::try_from(from).unwrap_or(u64::MAX));
+            let mut step = step.borrow_mut();
+            let (buf, filled) = &mut *step;
+            let n = to.saturating_sub(from);
+            if buf.len() < n {
+                buf.resize(n, 0);
+            }
+            let dst = buf.get_mut(..n).unwrap_or_default();
+            inner.read_range(key, at, dst)?;
+            *filled = n;
+            Ok(())
+        };
+        let mut delivered = 0u64;
+        let mut progress = |end: usize| {
+            let step = step.borrow();
+            let (buf, filled) = &*step;
+            delivered = u64::try_from(end).unwrap_or(u64::MAX);
+            sink(buf.get(..*filled).unwrap_or_default())
+        };
+        self.deliver(key, total, &plan, &mut fill, &mut progress)?;
+        Ok(delivered)
     }
 
     fn stat(&self, key: &str) -> Result<ObjectInfo, StoreError> {
@@ -947,7 +1011,9 @@ impl Store for SimStore {
         let plan = self.plan(true);
         self.first_byte(key, start, &plan)?;
         let data = self.inner.get(key, max_len)?;
-        self.deliver(key, data.len(), &plan, &mut |_, _| Ok(()), &mut |_| {})?;
+        self.deliver(key, data.len(), &plan, &mut |_, _| Ok(()), &mut |_| {
+            ControlFlow::Continue(())
+        })?;
         Ok(data)
     }
 
