@@ -46,6 +46,7 @@ use super::pool::Priority;
 use super::{FetchError, FetchErrorKind, Shared, bump};
 use crate::cache::{CacheErrorKind, ChunkCache, FillGuard};
 use crate::layout::DataSource;
+use crate::store::StoreErrorKind;
 
 /// A fetch unit: a frame index (compressed) or a chunk index (uncompressed).
 type UnitKey = (u64, u64);
@@ -786,63 +787,70 @@ impl BuildFile {
         if keep_copy {
             copy.reserve_exact(usize::try_from(u64::from(frame.size_c)).unwrap_or(0));
         }
-        let mut failure: Option<(String, FetchErrorKind)> = None;
-        bump(&counters.store_requests, 1);
-        let res = DECODER.with(|d| {
-            let mut d = d.borrow_mut();
-            d.begin(compression);
-            let streamed = store.read_stream(
-                object,
-                frame.start_c,
-                u64::from(frame.size_c),
-                &mut |piece| {
-                    bump(&counters.store_bytes, piece.len() as u64);
-                    if keep_copy {
-                        copy.extend_from_slice(piece);
-                    }
-                    if let Err(e) = d.feed(piece, guard.buf()) {
-                        failure = Some((e.to_string(), FetchErrorKind::Corrupt));
-                        return ControlFlow::Break(());
-                    }
-                    if Instant::now() > deadline {
-                        failure = Some((deadline_msg(&self.shared), FetchErrorKind::Deadline));
-                        return ControlFlow::Break(());
-                    }
-                    if session.is_failed() {
-                        failure =
-                            Some(("the fetch was abandoned".into(), FetchErrorKind::Deadline));
-                        return ControlFlow::Break(());
-                    }
-                    ControlFlow::Continue(())
-                },
-            );
-            match streamed {
-                Err(e) => Err((e.to_string(), FetchErrorKind::Store(e.kind()))),
-                Ok(_) if failure.is_some() => Err(failure.take().unwrap_or_default_failure()),
-                Ok(n) if n != u64::from(frame.size_c) => Err((
-                    format!(
-                        "the store delivered {n} of {} bytes",
-                        u64::from(frame.size_c)
-                    ),
-                    FetchErrorKind::Store(crate::store::StoreErrorKind::Truncated),
-                )),
-                Ok(_) => d
-                    .finish(guard.buf())
-                    .map_err(|e| (e.to_string(), FetchErrorKind::Corrupt)),
-            }
-        });
-        match res {
-            Ok(()) => {
-                bump(&counters.filled_bytes, u64::from(frame.size_u));
-                guard.commit_all();
-                if keep_copy {
-                    self.write_back_frame(&self.shared.tiers, frame, &copy);
+        let mut attempt = 0;
+        loop {
+            let mut failure: Option<(String, FetchErrorKind)> = None;
+            copy.clear();
+            bump(&counters.store_requests, 1);
+            let res = DECODER.with(|d| {
+                let mut d = d.borrow_mut();
+                d.begin(compression);
+                let streamed = store.read_stream(
+                    object,
+                    frame.start_c,
+                    u64::from(frame.size_c),
+                    &mut |piece| {
+                        bump(&counters.store_bytes, piece.len() as u64);
+                        if keep_copy {
+                            copy.extend_from_slice(piece);
+                        }
+                        if let Err(e) = d.feed(piece, guard.buf()) {
+                            failure = Some((e.to_string(), FetchErrorKind::Corrupt));
+                            return ControlFlow::Break(());
+                        }
+                        if Instant::now() > deadline {
+                            failure = Some((deadline_msg(&self.shared), FetchErrorKind::Deadline));
+                            return ControlFlow::Break(());
+                        }
+                        if session.is_failed() {
+                            failure =
+                                Some(("the fetch was abandoned".into(), FetchErrorKind::Deadline));
+                            return ControlFlow::Break(());
+                        }
+                        ControlFlow::Continue(())
+                    },
+                );
+                match streamed {
+                    Err(e) => Err((e.to_string(), FetchErrorKind::Store(e.kind()))),
+                    Ok(_) if failure.is_some() => Err(failure.take().unwrap_or_default_failure()),
+                    Ok(n) if n != u64::from(frame.size_c) => Err((
+                        format!(
+                            "the store delivered {n} of {} bytes",
+                            u64::from(frame.size_c)
+                        ),
+                        FetchErrorKind::Store(crate::store::StoreErrorKind::Truncated),
+                    )),
+                    Ok(_) => d
+                        .finish(guard.buf())
+                        .map_err(|e| (e.to_string(), FetchErrorKind::Corrupt)),
                 }
-                Ok(())
-            }
-            Err((cause, kind)) => {
-                // The guard drops here: the frame's blocks stay absent.
-                Err(self.error(&unit, &store.url(), cause, kind))
+            });
+            match res {
+                Ok(()) => {
+                    bump(&counters.filled_bytes, u64::from(frame.size_u));
+                    guard.commit_all();
+                    if keep_copy {
+                        self.write_back_frame(&self.shared.tiers, frame, &copy);
+                    }
+                    return Ok(());
+                }
+                Err((cause, kind)) => {
+                    let e = self.error(&unit, &store.url(), cause, kind);
+                    if session.is_failed() || !self.backoff(&e, &mut attempt, deadline) {
+                        // The guard drops: the frame's blocks stay absent.
+                        return Err(e);
+                    }
+                }
             }
         }
     }
@@ -873,10 +881,10 @@ impl BuildFile {
                 first = false;
                 match self.chunk_from_tiers(session, index) {
                     Some(r) => r.map(|()| session.bytes.end),
-                    None => self.stream_chunk(session, &unit, run, at),
+                    None => self.stream_chunk_retrying(session, &unit, run, at, deadline),
                 }
             } else {
-                self.stream_chunk(session, &unit, run, at)
+                self.stream_chunk_retrying(session, &unit, run, at, deadline)
             };
             let (result, stopped) = match res {
                 // No progress: the block is held by a transfer of an abandoned session, which
@@ -975,6 +983,57 @@ impl BuildFile {
         None
     }
 
+    /// [`stream_chunk`](Self::stream_chunk), retrying transient store failures from where the
+    /// transfer stopped (full-jitter backoff, within the retry budget and the deadline).
+    fn stream_chunk_retrying(
+        &self,
+        session: &Session,
+        unit: &Unit,
+        run: u64,
+        at: u64,
+        deadline: Instant,
+    ) -> Result<u64, Arc<FetchError>> {
+        let mut at = at;
+        let mut attempt = 0;
+        loop {
+            match self.stream_chunk(session, unit, run, at) {
+                Ok(stopped) => return Ok(stopped),
+                Err((e, reached)) => {
+                    if !self.backoff(&e, &mut attempt, deadline) || session.is_failed() {
+                        return Err(e);
+                    }
+                    at = reached;
+                }
+            }
+        }
+    }
+
+    /// Whether to retry after `e` (transient store errors and undecodable bytes, within the
+    /// retry budget and with time left before `deadline`); sleeps the backoff if so.
+    fn backoff(&self, e: &FetchError, attempt: &mut u32, deadline: Instant) -> bool {
+        let config = &self.shared.config;
+        let transient = matches!(
+            e.kind,
+            FetchErrorKind::Corrupt
+                | FetchErrorKind::Store(StoreErrorKind::Io | StoreErrorKind::Truncated)
+        );
+        if !transient || *attempt >= config.retries {
+            return false;
+        }
+        *attempt += 1;
+        let cap = config
+            .retry_base
+            .saturating_mul(1u32 << (*attempt - 1).min(16));
+        let sleep = cap.mul_f64(rand::random::<f64>());
+        if Instant::now() + sleep >= deadline {
+            return false;
+        }
+        bump(&self.shared.counters.retries, 1);
+        tracing::info!(error = %e, attempt = *attempt, "retrying fetch");
+        std::thread::sleep(sleep);
+        true
+    }
+
     /// Streams the chunk from byte `at` to its end, committing blocks as they land; stops at
     /// blocks that are present or claimed by another transfer. Returns where it stopped.
     fn stream_chunk(
@@ -983,7 +1042,7 @@ impl BuildFile {
         unit: &Unit,
         run: u64,
         at: u64,
-    ) -> Result<u64, Arc<FetchError>> {
+    ) -> Result<u64, (Arc<FetchError>, u64)> {
         let store = &self.shared.store;
         let counters = &self.shared.counters;
         let end = session.bytes.end;
@@ -1066,16 +1125,21 @@ impl BuildFile {
             },
         );
         drop(guard);
+        // A partly written block was not committed: a retry starts at its beginning.
+        let reached = pos - pos % bs;
         if let Some((cause, kind)) = failure {
-            return Err(self.error(unit, &store.url(), cause, kind));
+            return Err((self.error(unit, &store.url(), cause, kind), reached));
         }
         match streamed {
             Ok(_) => Ok(pos),
-            Err(e) => Err(self.error(
-                unit,
-                &store.url(),
-                e.to_string(),
-                FetchErrorKind::Store(e.kind()),
+            Err(e) => Err((
+                self.error(
+                    unit,
+                    &store.url(),
+                    e.to_string(),
+                    FetchErrorKind::Store(e.kind()),
+                ),
+                reached,
             )),
         }
     }

@@ -51,6 +51,11 @@ pub const DEFAULT_FETCH_DEADLINE: Duration = Duration::from_secs(30);
 pub struct EngineConfig {
     /// Deadline of one transfer and of one reader's wait for it.
     pub fetch_deadline: Duration,
+    /// Retries of a failed transfer (transient store errors, truncated bodies, undecodable
+    /// bytes), with full-jitter exponential backoff, within the deadline.
+    pub retries: u32,
+    /// Backoff cap of the first retry (doubling with each retry).
+    pub retry_base: Duration,
     /// Most fetch threads (transfers in flight).
     pub fetch_threads: usize,
     /// Most prefetch transfers in flight (demand transfers always go first).
@@ -73,6 +78,8 @@ impl Default for EngineConfig {
     fn default() -> Self {
         Self {
             fetch_deadline: DEFAULT_FETCH_DEADLINE,
+            retries: 3,
+            retry_base: Duration::from_millis(25),
             fetch_threads: 64,
             prefetch_concurrency: 8,
             join_window: 512 * 1024,
@@ -181,6 +188,8 @@ pub struct EngineCounters {
     pub writebacks: AtomicU64,
     /// Failed fetches.
     pub fetch_errors: AtomicU64,
+    /// Transfers retried after a transient failure.
+    pub retries: AtomicU64,
     /// Uncompressed bytes made present in the caches.
     pub filled_bytes: AtomicU64,
 }
@@ -210,6 +219,8 @@ pub struct EngineStats {
     pub writebacks: u64,
     /// See [`EngineCounters::fetch_errors`].
     pub fetch_errors: u64,
+    /// See [`EngineCounters::retries`].
+    pub retries: u64,
     /// See [`EngineCounters::filled_bytes`].
     pub filled_bytes: u64,
 }
@@ -229,6 +240,7 @@ impl EngineCounters {
             tier_evictions: l(&self.tier_evictions),
             writebacks: l(&self.writebacks),
             fetch_errors: l(&self.fetch_errors),
+            retries: l(&self.retries),
             filled_bytes: l(&self.filled_bytes),
         }
     }
