@@ -762,7 +762,31 @@ impl<S: PageSource> Shared<S> {
         }
     }
 
+    /// Records `next` for the page *before* the install wakes the faulting thread, so a fault that
+    /// has returned always has its state recorded; restores `prev` if the install did not happen.
+    fn record_then(&self, page: Page, prev: PageState, next: PageState, step: Step) -> Step {
+        match step {
+            Step::Done => {}
+            Step::Again | Step::Gone | Step::Fatal(_) | Step::Pending => {
+                self.states.transition(page.idx, next, prev);
+            }
+        }
+        step
+    }
+
     fn install_copy(&self, page: Page, src: *const u8, write: bool, prev: PageState) -> Step {
+        let next = if write {
+            PageState::Dirty
+        } else {
+            PageState::Clean
+        };
+        if !self.states.transition(page.idx, prev, next) {
+            // Removed meanwhile (a REMOVE read by the fault thread): serve zeros instead.
+            let now = self.states.get(page.idx);
+            if now == PageState::Removed {
+                return self.install_zero(page, write, now);
+            }
+        }
         let mode = self.copy_mode(write);
         let mut r = ioctl::copy(self.uffd.as_fd(), page.host, src, self.page_size, mode);
         if mode != 0 {
@@ -770,23 +794,22 @@ impl<S: PageSource> Shared<S> {
                 ioctl::copy(self.uffd.as_fd(), page.host, src, self.page_size, 0)
             });
         }
-        match self.ioctl_outcome(page, r, "UFFDIO_COPY") {
-            Step::Done => {
-                Metrics::inc(&self.metrics.copies);
-                Metrics::add(&self.metrics.bytes_copied, self.page_size);
-                let next = if write {
-                    PageState::Dirty
-                } else {
-                    PageState::Clean
-                };
-                self.states.transition(page.idx, prev, next);
-                Step::Done
-            }
-            other => other,
+        let copied = r.is_ok();
+        let step = self.ioctl_outcome(page, r, "UFFDIO_COPY");
+        if copied {
+            Metrics::inc(&self.metrics.copies);
+            Metrics::add(&self.metrics.bytes_copied, self.page_size);
         }
+        self.record_then(page, prev, next, step)
     }
 
     fn install_zero(&self, page: Page, write: bool, prev: PageState) -> Step {
+        let next = if write {
+            PageState::Dirty
+        } else {
+            PageState::Zero
+        };
+        self.states.transition(page.idx, prev, next);
         let mode = self.copy_mode(write);
         let r = if self.page_size == thaw_codec::PAGE_SIZE && mode == 0 {
             ioctl::zeropage(self.uffd.as_fd(), page.host, self.page_size)
@@ -806,19 +829,11 @@ impl<S: PageSource> Shared<S> {
                 r
             }
         };
-        match self.ioctl_outcome(page, r, "zero install") {
-            Step::Done => {
-                Metrics::inc(&self.metrics.zero_installs);
-                let next = if write {
-                    PageState::Dirty
-                } else {
-                    PageState::Zero
-                };
-                self.states.transition(page.idx, prev, next);
-                Step::Done
-            }
-            other => other,
+        if r.is_ok() {
+            Metrics::inc(&self.metrics.zero_installs);
         }
+        let step = self.ioctl_outcome(page, r, "zero install");
+        self.record_then(page, prev, next, step)
     }
 
     /// After a copy with `UFFDIO_COPY_MODE_WP`: EINVAL means the range is not registered for
@@ -851,14 +866,11 @@ impl<S: PageSource> Shared<S> {
     }
 
     fn unprotect(&self, page: Page) -> Step {
+        // Dirty before the ioctl wakes the writer; a retried or failed unprotect keeps it Dirty
+        // (the guest is about to write the page either way).
+        self.states.set(page.idx, PageState::Dirty);
         let r = ioctl::write_protect(self.uffd.as_fd(), page.host, self.page_size, false);
-        match self.ioctl_outcome(page, r, "UFFDIO_WRITEPROTECT") {
-            Step::Done => {
-                self.states.set(page.idx, PageState::Dirty);
-                Step::Done
-            }
-            other => other,
-        }
+        self.ioctl_outcome(page, r, "UFFDIO_WRITEPROTECT")
     }
 
     /// Classifies an install ioctl's result.
