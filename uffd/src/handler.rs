@@ -15,11 +15,10 @@
 //!   handler fails closed: SIGKILL the peer and return an error naming the page and the cause.
 //!   Unknown data is never installed.
 
-use std::collections::HashSet;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -133,6 +132,8 @@ struct Shared<S> {
     zeros: os::ZeroPages,
     wake: OwnedFd,
     deferred: Mutex<Vec<Deferred>>,
+    /// Length of `deferred`, read without the lock on the fault path.
+    deferred_len: AtomicUsize,
     stop: AtomicBool,
     gone: AtomicBool,
     fatal: Mutex<Option<UffdError>>,
@@ -215,6 +216,7 @@ impl<S: PageSource> FaultHandler<S> {
             zeros,
             wake,
             deferred: Mutex::new(Vec::new()),
+            deferred_len: AtomicUsize::new(0),
             stop: AtomicBool::new(false),
             gone: AtomicBool::new(false),
             fatal: Mutex::new(None),
@@ -347,6 +349,7 @@ impl<S: PageSource> Shared<S> {
 
     fn run_loop(self: &Arc<Self>) -> Result<Exit> {
         let mut events = Vec::with_capacity(ioctl::MSG_BATCH);
+        let mut seen = Vec::with_capacity(ioctl::MSG_BATCH);
         loop {
             if self.stop.load(Ordering::Acquire) {
                 return Ok(Exit::Stopped);
@@ -364,7 +367,7 @@ impl<S: PageSource> Shared<S> {
                     return Ok(Exit::PeerGone);
                 }
                 Ok(_) => {
-                    self.handle_events(&events)?;
+                    self.handle_events(&events, &mut seen)?;
                     self.run_deferred(false)?;
                     continue;
                 }
@@ -419,7 +422,11 @@ impl<S: PageSource> Shared<S> {
             .take()
     }
 
-    fn handle_events(self: &Arc<Self>, events: &[Event]) -> Result<()> {
+    fn handle_events(
+        self: &Arc<Self>,
+        events: &[Event],
+        seen: &mut Vec<(usize, bool)>,
+    ) -> Result<()> {
         // Removals first: a fault can be delivered before the REMOVE that caused it.
         for ev in events {
             match *ev {
@@ -449,11 +456,12 @@ impl<S: PageSource> Shared<S> {
                 Event::Pagefault { .. } => {}
             }
         }
-        // Several vCPUs faulting on one page produce one message each: serve it once.
-        let mut seen = HashSet::new();
+        // Several vCPUs faulting on one page produce one message each: serve it once per batch
+        // (a batch is at most 64 messages: a linear scan of a reused vector, no allocation).
+        seen.clear();
         for ev in events {
             if let Event::Pagefault { flags, address } = *ev {
-                self.handle_fault(flags, address, &mut seen)?;
+                self.handle_fault(flags, address, seen)?;
             }
         }
         Ok(())
@@ -504,7 +512,7 @@ impl<S: PageSource> Shared<S> {
         self: &Arc<Self>,
         flags: u64,
         address: u64,
-        seen: &mut HashSet<(usize, bool)>,
+        seen: &mut Vec<(usize, bool)>,
     ) -> Result<()> {
         if flags & ioctl::PAGEFAULT_FLAG_MINOR != 0 {
             return Err(UffdError::new(
@@ -514,14 +522,24 @@ impl<S: PageSource> Shared<S> {
         }
         let page = self.page(address)?;
         let wp = flags & ioctl::PAGEFAULT_FLAG_WP != 0;
-        if !seen.insert((page.idx, wp)) {
+        if seen.contains(&(page.idx, wp)) {
             Metrics::inc(&self.metrics.faults_deduped);
             return Ok(());
         }
+        seen.push((page.idx, wp));
         let step = if wp {
             Metrics::inc(&self.metrics.faults_wp);
             self.wp.store(WP_ON, Ordering::Relaxed);
-            self.unprotect(page)
+            if self.states.get(page.idx) == PageState::Removed {
+                // A write to a zapped page that kept its write-protect marker: it must become a
+                // writable zero page, never the source's data.
+                match self.install_zero(page, true, PageState::Removed) {
+                    Step::Done => self.unprotect(page),
+                    other => other,
+                }
+            } else {
+                self.unprotect(page)
+            }
         } else {
             Metrics::inc(&self.metrics.faults_missing);
             let write = flags & ioctl::PAGEFAULT_FLAG_WRITE != 0;
@@ -565,6 +583,7 @@ impl<S: PageSource> Shared<S> {
                 d.not_before <= now || (!only_due && !matches!(d.work, Work::Refetch { .. }))
             });
             *q = later;
+            self.deferred_len.store(q.len(), Ordering::Release);
             due
         };
         for d in due {
@@ -613,6 +632,9 @@ impl<S: PageSource> Shared<S> {
     }
 
     fn is_deferred(&self, page: Page) -> bool {
+        if self.deferred_len.load(Ordering::Acquire) == 0 {
+            return false;
+        }
         let q = self.deferred.lock().unwrap_or_else(PoisonError::into_inner);
         q.iter()
             .any(|d| d.page.idx == page.idx && !matches!(d.work, Work::Unprotect))
@@ -638,10 +660,10 @@ impl<S: PageSource> Shared<S> {
     }
 
     fn push_deferred(&self, d: Deferred) {
-        self.deferred
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(d);
+        let mut q = self.deferred.lock().unwrap_or_else(PoisonError::into_inner);
+        q.push(d);
+        self.deferred_len.store(q.len(), Ordering::Release);
+        drop(q);
         os::eventfd_signal(self.wake.as_fd());
     }
 

@@ -294,6 +294,19 @@ fn write_protect_faults_mark_pages_dirty() {
     vm.mem.write_byte(PAGE as usize + 8, 0x12);
     assert_eq!(vm.handler.metrics().faults_wp, 2);
     assert_eq!(vm.handler.page_state(2 * PAGE), Some(PageState::Clean));
+    // A zapped write-protected page, then written: zeros plus the write, never the source data.
+    vm.mem
+        .madvise(3 * PAGE as usize, PAGE as usize, libc::MADV_DONTNEED)
+        .unwrap();
+    wait_for("the remove", || {
+        vm.handler.page_state(3 * PAGE) == Some(PageState::Removed)
+    });
+    vm.mem.write_byte(3 * PAGE as usize + 5, 0x33);
+    let page = vm.mem.read(3 * PAGE as usize, PAGE as usize);
+    assert_eq!(page[5], 0x33);
+    assert!(page.iter().enumerate().all(|(i, &b)| i == 5 || b == 0));
+    assert_eq!(vm.handler.page_state(3 * PAGE), Some(PageState::Dirty));
+    eprintln!("write after remove: {:?}", vm.handler.metrics());
 }
 
 #[test]
