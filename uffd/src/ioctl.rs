@@ -408,13 +408,14 @@ mod tests {
 
     #[test]
     fn ioctl_numbers_match_the_kernel_header() {
-        // Values from <linux/userfaultfd.h> on x86_64 (printed by a C program).
+        // Values from <linux/userfaultfd.h> (linux-libc-dev 6.1, x86_64), printed by a C program.
         assert_eq!(UFFDIO_API, 0xc018_aa3f);
         assert_eq!(UFFDIO_REGISTER, 0xc020_aa00);
         assert_eq!(UFFDIO_WAKE, 0x8010_aa02);
         assert_eq!(UFFDIO_COPY, 0xc028_aa03);
         assert_eq!(UFFDIO_ZEROPAGE, 0xc020_aa04);
         assert_eq!(UFFDIO_WRITEPROTECT, 0xc018_aa06);
+        assert_eq!(USERFAULTFD_IOC_NEW, 0xaa00);
     }
 
     #[test]

@@ -122,28 +122,32 @@ fn zero_pages_are_installed_without_fetching() {
 
 #[test]
 fn missing_pages_are_fetched_once_and_installed_by_the_completion() {
-    // Delayed completions on other threads; several threads fault on the same pages.
-    let pages = 32;
+    // A small fault storm: 8 threads walk 256 missing pages in different orders (so hot pages are
+    // shared), with fetches completing on other threads after a delay.
+    let pages = 256;
+    let threads = 8;
     let source = TestSource::new(
         pages,
         PAGE,
         |_| false,
         |_| false,
-        FetchMode::Delayed(Duration::from_millis(5)),
+        FetchMode::Delayed(Duration::from_millis(1)),
     );
     let vm = Arc::new(start(source, Opts::default()).unwrap());
-    let threads: Vec<_> = (0..4)
-        .map(|_| {
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
             let vm = Arc::clone(&vm);
             std::thread::spawn(move || {
-                for p in 0..pages {
-                    check_page(&vm, p);
+                // Page order: a different stride per thread (odd, so it visits every page).
+                let stride = 2 * t + 1;
+                for i in 0..pages {
+                    check_page(&vm, (i * stride + t * 17) % pages);
                 }
             })
         })
         .collect();
-    for t in threads {
-        t.join().unwrap();
+    for h in handles {
+        h.join().unwrap();
     }
     for p in 0..pages {
         assert_eq!(
@@ -152,8 +156,11 @@ fn missing_pages_are_fetched_once_and_installed_by_the_completion() {
             "page {p} fetched more than once"
         );
     }
+    // Each page installed exactly once: one copy per page, no second write.
     wait_for("copy count", || vm.handler.metrics().copies == pages as u64);
-    assert_eq!(vm.handler.metrics().fetch_latency_count(), pages as u64);
+    let m = vm.handler.metrics();
+    assert_eq!(m.fetch_latency_count(), pages as u64, "{m:?}");
+    assert_eq!(m.zero_installs, 0);
 }
 
 #[test]
