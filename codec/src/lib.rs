@@ -15,12 +15,14 @@ pub mod frame;
 pub mod frame_table;
 pub mod header;
 pub mod names;
+pub mod uffd;
 
 pub use error::{CodecError, ErrorKind, Result};
 pub use frame::{FrameDecoder, FrameEncoder, StreamDecoder};
 pub use frame_table::{CompressionType, Frame, FrameTable};
 pub use header::{BuildData, Header, Mapping, Metadata, ResolvedMapping};
 pub use names::FileKind;
+pub use uffd::{RegionMap, UffdRegion};
 
 /// A build id: 16 raw bytes in canonical RFC-4122 order, as e2b writes Go's `uuid.UUID`.
 pub type BuildId = uuid::Uuid;
