@@ -15,6 +15,7 @@ pub mod frame;
 pub mod frame_table;
 pub mod header;
 pub mod names;
+pub mod nbd;
 
 pub use error::{CodecError, ErrorKind, Result};
 pub use frame::{FrameDecoder, FrameEncoder};
