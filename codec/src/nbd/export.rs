@@ -132,7 +132,10 @@ impl ExportConfig {
     /// Checks string lengths, block sizes and that the size is a multiple of the minimum block
     /// size ([`ErrorKind::InvalidArgument`] / [`ErrorKind::TooLarge`]).
     pub fn validate(&self) -> Result<()> {
-        for (what, s) in [("export name", &self.name), ("description", &self.description)] {
+        for (what, s) in [
+            ("export name", &self.name),
+            ("description", &self.description),
+        ] {
             if s.len() > MAX_STRING {
                 return Err(CodecError::too_large(
                     what,
@@ -263,10 +266,7 @@ mod tests {
     fn size_must_be_aligned() {
         let mut e = ExportConfig::new("a", 4097);
         e.block_size.min = 4096;
-        assert_eq!(
-            e.validate().unwrap_err().kind(),
-            ErrorKind::InvalidArgument
-        );
+        assert_eq!(e.validate().unwrap_err().kind(), ErrorKind::InvalidArgument);
         e.size = 8192;
         assert!(e.validate().is_ok());
         e.name = "x".repeat(MAX_STRING + 1);

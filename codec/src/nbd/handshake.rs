@@ -201,7 +201,10 @@ impl std::fmt::Display for RejectReason {
                 write!(f, "client flags {flags:#x} lack FIXED_NEWSTYLE")
             }
             Self::UnknownClientFlags { flags } => {
-                write!(f, "client flags {flags:#x} carry an unknown or unadvertised bit")
+                write!(
+                    f,
+                    "client flags {flags:#x} carry an unknown or unadvertised bit"
+                )
             }
             Self::BadOptionMagic { magic } => write!(f, "option magic {magic:#018x}"),
             Self::OptionTooLong { option, len } => {
@@ -450,8 +453,10 @@ impl ServerHandshake {
                     let option = be_u32(&self.fixed, 8).unwrap_or(0);
                     let len = be_u32(&self.fixed, 12).unwrap_or(0);
                     if magic != IHAVEOPT {
-                        return self
-                            .finish(pos, Progress::Reject(RejectReason::BadOptionMagic { magic }));
+                        return self.finish(
+                            pos,
+                            Progress::Reject(RejectReason::BadOptionMagic { magic }),
+                        );
                     }
                     match self.begin_option(option, len) {
                         Ok(action) => {
@@ -472,7 +477,8 @@ impl ServerHandshake {
                     let want = usize::try_from(remaining).unwrap_or(usize::MAX);
                     let take = want.min(rest.len());
                     if action == Action::Handle {
-                        self.payload.extend_from_slice(rest.get(..take).unwrap_or_default());
+                        self.payload
+                            .extend_from_slice(rest.get(..take).unwrap_or_default());
                     }
                     pos += take;
                     // take <= remaining, so this fits.
@@ -557,10 +563,9 @@ impl ServerHandshake {
             OPT_EXPORT_NAME => Action::Handle,
             _ if self.shutting_down => Action::Reply(REP_ERR_SHUTDOWN, "server is shutting down"),
             OPT_LIST if len > 0 => Action::Reply(REP_ERR_INVALID, "NBD_OPT_LIST takes no data"),
-            OPT_STRUCTURED_REPLY if len > 0 => Action::Reply(
-                REP_ERR_INVALID,
-                "NBD_OPT_STRUCTURED_REPLY takes no data",
-            ),
+            OPT_STRUCTURED_REPLY if len > 0 => {
+                Action::Reply(REP_ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data")
+            }
             OPT_LIST | OPT_STRUCTURED_REPLY => Action::Handle,
             OPT_STARTTLS => Action::Reply(REP_ERR_POLICY, "TLS is not supported"),
             OPT_INFO | OPT_GO | OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
@@ -680,7 +685,12 @@ impl ServerHandshake {
 
     fn list(&self, out: &mut Vec<u8>) {
         if !self.config.allow_list {
-            reply(out, OPT_LIST, REP_ERR_POLICY, b"listing exports is disabled");
+            reply(
+                out,
+                OPT_LIST,
+                REP_ERR_POLICY,
+                b"listing exports is disabled",
+            );
             return;
         }
         for e in &self.config.exports {
@@ -808,15 +818,21 @@ fn len_u32(len: usize) -> u32 {
 }
 
 fn be_u32(b: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_be_bytes(b.get(at..at.checked_add(4)?)?.try_into().ok()?))
+    Some(u32::from_be_bytes(
+        b.get(at..at.checked_add(4)?)?.try_into().ok()?,
+    ))
 }
 
 fn be_u16(b: &[u8], at: usize) -> Option<u16> {
-    Some(u16::from_be_bytes(b.get(at..at.checked_add(2)?)?.try_into().ok()?))
+    Some(u16::from_be_bytes(
+        b.get(at..at.checked_add(2)?)?.try_into().ok()?,
+    ))
 }
 
 fn be_u64(b: &[u8], at: usize) -> Option<u64> {
-    Some(u64::from_be_bytes(b.get(at..at.checked_add(8)?)?.try_into().ok()?))
+    Some(u64::from_be_bytes(
+        b.get(at..at.checked_add(8)?)?.try_into().ok()?,
+    ))
 }
 
 /// Reads `u32 length, bytes` at `at`; `None` when the length runs past the end.

@@ -58,7 +58,9 @@ pub fn offset_data_header(
         return Err(invalid("an OFFSET_DATA chunk needs at least one data byte"));
     }
     let Some(length) = data_len.checked_add(8) else {
-        return Err(invalid("OFFSET_DATA data length overflows the chunk length"));
+        return Err(invalid(
+            "OFFSET_DATA data length overflows the chunk length",
+        ));
     };
     let mut b = [0u8; OFFSET_DATA_HEADER_LEN];
     b[..CHUNK_HEADER_LEN].copy_from_slice(&chunk_header(
@@ -210,7 +212,9 @@ pub fn encode_block_status(
         descs.truncate(1);
     }
     if descs.is_empty() {
-        return Err(invalid("a BLOCK_STATUS chunk needs at least one nonzero extent"));
+        return Err(invalid(
+            "a BLOCK_STATUS chunk needs at least one nonzero extent",
+        ));
     }
     let count = u32::try_from(descs.len()).unwrap_or(u32::MAX);
     out.extend_from_slice(&chunk_header(

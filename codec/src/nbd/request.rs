@@ -255,12 +255,12 @@ impl Request {
             .get(..REQUEST_LEN)
             .and_then(|b| b.try_into().ok())
             .ok_or_else(|| {
-                CodecError::truncated(
-                    "nbd request",
-                    REQUEST_LEN as u64,
-                    u64::try_from(bytes.len()).unwrap_or(u64::MAX),
-                )
-            })?;
+            CodecError::truncated(
+                "nbd request",
+                REQUEST_LEN as u64,
+                u64::try_from(bytes.len()).unwrap_or(u64::MAX),
+            )
+        })?;
         Self::parse(header)
     }
 
