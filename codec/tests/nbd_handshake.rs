@@ -759,6 +759,18 @@ mod tests {
             RejectReason::ShuttingDown
         );
 
+        // Shutdown arriving while an EXPORT_NAME is half read.
+        let mut h = started(config());
+        let o = opt(OPT_EXPORT_NAME, b"rootfs");
+        feed(&mut h, &o[..18]);
+        h.shutdown();
+        let mut out = Vec::new();
+        assert_eq!(
+            reject(h.feed(&o[18..], &mut out)),
+            RejectReason::ShuttingDown
+        );
+        assert!(out.is_empty());
+
         // Shutdown arriving while a payload is half read.
         let mut h = started(config());
         let o = opt(OPT_GO, &info_data("rootfs", &[]));

@@ -46,7 +46,10 @@ fn check_replies(mut out: &[u8]) {
         assert!(out.len() >= 20, "truncated option reply header");
         assert_eq!(out[..8], REPLY_MAGIC.to_be_bytes());
         let len = u32::from_be_bytes(out[16..20].try_into().unwrap()) as usize;
-        assert!(out.len() >= 20 + len, "option reply data shorter than its length");
+        assert!(
+            out.len() >= 20 + len,
+            "option reply data shorter than its length"
+        );
         out = &out[20 + len..];
     }
 }

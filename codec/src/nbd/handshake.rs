@@ -595,6 +595,9 @@ impl ServerHandshake {
                 reply(out, option, rtype, msg.as_bytes());
                 None
             }
+            Action::Handle if option == OPT_EXPORT_NAME && self.shutting_down => {
+                Some(Progress::Reject(RejectReason::ShuttingDown))
+            }
             Action::Handle if option == OPT_EXPORT_NAME => Some(self.export_name(out)),
             Action::Handle if self.shutting_down => {
                 reply(out, option, REP_ERR_SHUTDOWN, b"server is shutting down");
