@@ -4,6 +4,7 @@
 //! (see `docs/formats.md`): the 64-byte header metadata, V3/V4/V5 header bodies, frame tables,
 //! frame encoding and decoding (zstd, LZ4 frame format, uncompressed) into caller buffers of an
 //! exact declared size, object and shared-cache file names, and the child header built at pause.
+//! [`nbd`] is the NBD wire protocol, server side, sans-io (see `docs/nbd.md`).
 //!
 //! Every length read from input is checked against a cap before anything is allocated, and every
 //! failure is a [`CodecError`] with a stable [`ErrorKind`]: no input makes this crate panic.
@@ -15,6 +16,7 @@ pub mod frame;
 pub mod frame_table;
 pub mod header;
 pub mod names;
+pub mod nbd;
 pub mod uffd;
 
 pub use error::{CodecError, ErrorKind, Result};
