@@ -607,3 +607,38 @@ fn sixty_four_readers_fail_together_when_the_one_get_fails() {
     assert_eq!(data_files(&shared_dir), cached);
     assert!(!f.is_present(2 << 20, 2 << 20));
 }
+
+/// `request` (the UFFD path): callbacks run once per request, after the bytes are present, from
+/// any thread; many concurrent requests on cold frames all complete.
+#[test]
+fn request_callbacks_fire_once_when_present() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, manifest) = chain(dir.path(), &spec(CompressionType::Zstd, PAGE_SIZE, 81));
+    let top = manifest.top().unwrap();
+    let want = fs::read(&top.files["memfile"].flat).unwrap();
+    let sim = sim_over(Arc::clone(&store), 5);
+    let engine = Engine::new(sim, config()).unwrap();
+    let f = Arc::new(engine.open(top.build_id, FileKind::Memfile).unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let pages = (want.len() / 4096) as u64;
+    for page in 0..pages {
+        let tx = tx.clone();
+        f.request(page * 4096, 4096, move |r| tx.send((page, r)).unwrap());
+    }
+    drop(tx);
+    let mut seen = vec![false; pages as usize];
+    for (page, r) in rx.iter() {
+        r.unwrap();
+        assert!(!seen[page as usize], "callback for page {page} ran twice");
+        seen[page as usize] = true;
+        let got = f
+            .try_get(page * 4096, 4096)
+            .expect("present after the callback");
+        assert!(got == &want[(page * 4096) as usize..][..4096]);
+    }
+    assert!(seen.iter().all(|&s| s));
+    // Out of range: an error, at once.
+    let (tx, rx) = std::sync::mpsc::channel();
+    f.request(f.size(), 4096, move |r| tx.send(r.is_err()).unwrap());
+    assert!(rx.recv().unwrap());
+}

@@ -150,18 +150,28 @@ impl Session {
 
     /// Wakes the waiters whose bytes are now present (all of them once the session failed or
     /// finished).
-    fn notify(&self, state: &mut State) {
+    ///
+    /// Consumes the lock guard: wakers run after it is released, so a woken task may poll this
+    /// session at once (on this thread, for [`LayeredFile::request`] callbacks).
+    ///
+    /// [`LayeredFile::request`]: super::LayeredFile::request
+    fn notify(&self, mut state: MutexGuard<'_, State>) {
         let cache = &self.file.cache;
         let all = state.failed.is_some() || state.finished;
+        let mut wake = Vec::new();
         state.waiters.retain(|(_, r, w)| {
             if all || cache.all_present(r.start, r.end - r.start) {
-                w.wake_by_ref();
+                wake.push(w.clone());
                 false
             } else {
                 true
             }
         });
+        drop(state);
         self.cond.notify_all();
+        for w in wake {
+            w.wake();
+        }
     }
 
     /// Where a reader of `want` stands: `Ready(Ok)` when present, `Ready(Err)` when the session
@@ -197,7 +207,7 @@ impl Session {
             }
             let now = Instant::now();
             if now >= deadline {
-                return Err(self.expire(&mut state));
+                return Err(self.expire(state));
             }
             state = self
                 .cond
@@ -209,7 +219,7 @@ impl Session {
 
     /// The reader's deadline passed: fail the session (its waiters and the stalled transfer's
     /// result) so the next read starts afresh.
-    fn expire(&self, state: &mut State) -> Arc<FetchError> {
+    fn expire(&self, mut state: MutexGuard<'_, State>) -> Arc<FetchError> {
         let err = self.file.error(
             &self.unit,
             "deadline",
@@ -305,7 +315,7 @@ impl Session {
             }
             None => {
                 if hold && state.active == 1 && state.failed.is_none() && !state.finished {
-                    self.notify(&mut state);
+                    self.notify(state);
                     return (None, true);
                 }
                 state.cursors.retain(|(r, _)| *r != run);
@@ -316,7 +326,7 @@ impl Session {
                 }
             }
         }
-        self.notify(&mut state);
+        self.notify(state);
         (next, false)
     }
 
@@ -329,7 +339,7 @@ impl Session {
             state.finished = true;
             self.file.shared.table.remove(self);
         }
-        self.notify(&mut state);
+        self.notify(state);
     }
 
     fn set_cursor(&self, run: u64, at: u64) {
@@ -337,7 +347,7 @@ impl Session {
         if let Some(c) = state.cursors.iter_mut().find(|(r, _)| *r == run) {
             c.1 = at;
         }
-        self.notify(&mut state);
+        self.notify(state);
     }
 
     fn is_failed(&self) -> bool {
@@ -1195,14 +1205,28 @@ pub(crate) async fn wait_all(
         match tokio::time::timeout(left, wait).await {
             Ok(r) => r?,
             Err(_) => {
-                let mut state = session.lock();
+                let state = session.lock();
                 if let Some(r) = session.check(&state, &want) {
                     r?;
                 } else {
-                    return Err(session.expire(&mut state));
+                    return Err(session.expire(state));
                 }
             }
         }
+    }
+    Ok(())
+}
+
+/// Waits for every `(session, range)` without a timer (for callers outside a tokio runtime):
+/// the transfers' own deadlines bound the wait.
+pub(crate) async fn wait_all_untimed(waits: Waits) -> Result<(), Arc<FetchError>> {
+    for (session, want) in waits {
+        SessionWait {
+            session: &session,
+            want: &want,
+            id: None,
+        }
+        .await?;
     }
     Ok(())
 }

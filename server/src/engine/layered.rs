@@ -8,7 +8,8 @@ use std::time::Instant;
 use anyhow::Context;
 use thaw_codec::{BuildId, FileKind, HUGEPAGE_SIZE, Header};
 
-use super::build::{BuildFile, Waits, wait_all, wait_all_blocking};
+use super::build::{BuildFile, Waits, wait_all, wait_all_blocking, wait_all_untimed};
+use super::callback::spawn_with_callback;
 use super::pool::Priority;
 use super::{ReadError, Shared, bump};
 use crate::layout::{load_header, resolve_source};
@@ -460,6 +461,33 @@ impl LayeredFile {
         let waits = self.start(offset, len, Priority::Prefetch)?;
         wait_all_blocking(&waits, deadline)?;
         Ok(())
+    }
+
+    /// Starts fetching whatever `offset..offset + len` misses and calls `done` once it is
+    /// present (or failed), on this thread when nothing is missing, else on the fetch thread
+    /// that completed it. Never blocks: the UFFD fault thread keeps serving other faults. The
+    /// transfers' deadlines bound the wait (the reader-side deadline of
+    /// [`read_at`](Self::read_at) needs a timer this path does not have).
+    pub fn request(
+        &self,
+        offset: u64,
+        len: u64,
+        done: impl FnOnce(Result<(), ReadError>) + Send + 'static,
+    ) {
+        if let Err(e) = self.check(offset, len) {
+            done(Err(e));
+            return;
+        }
+        match self.start(offset, len, Priority::Demand) {
+            Err(e) => done(Err(e)),
+            Ok(waits) if waits.is_empty() => done(Ok(())),
+            Ok(waits) => {
+                bump(&self.shared.counters.misses, 1);
+                spawn_with_callback(wait_all_untimed(waits), move |r| {
+                    done(r.map_err(ReadError::from));
+                });
+            }
+        }
     }
 
     /// Whether every byte of the range is present (or nil). Out of range: `false`.

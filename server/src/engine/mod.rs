@@ -19,6 +19,7 @@
 //! See `docs/engine.md` for the design and its invariants.
 
 mod build;
+mod callback;
 mod layered;
 mod pool;
 mod prefetch;
