@@ -9,13 +9,16 @@ use thaw_codec::{CompressionType, FileKind};
 use crate::store::Store;
 
 pub mod compress;
+pub mod engine_args;
 pub mod inspect;
+pub mod read;
 
 /// thaw serves VM snapshot images (e2b's layered build format) lazily.
 #[derive(Debug, Parser)]
 #[command(name = "thaw", version, propagate_version = true)]
 #[command(
-    after_help = "Stores are named by URL: file:///abs/dir, or a plain directory path.\n\
+    after_help = "Stores are named by URL: file:///abs/dir, a plain directory path, or\n\
+sim:ttfb=20ms,bw=100MB/s,inner=URL (a simulated object store).\n\
 Logs go to stderr; set RUST_LOG (e.g. RUST_LOG=thaw_server=debug) for more."
 )]
 pub struct Cli {
@@ -33,6 +36,9 @@ pub enum Command {
     /// Show a build's header, builds section, mappings and frames; optionally verify its data.
     #[command(long_about = inspect::LONG_ABOUT)]
     Inspect(inspect::InspectArgs),
+    /// Read a build file (or a range) through the engine and its cache tiers.
+    #[command(long_about = read::LONG_ABOUT)]
+    Read(read::ReadArgs),
 }
 
 /// Runs a parsed command line.
@@ -40,6 +46,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Compress(args) => compress::run(&args),
         Command::Inspect(args) => inspect::run(&args),
+        Command::Read(args) => read::run(&args),
     }
 }
 

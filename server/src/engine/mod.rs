@@ -37,7 +37,10 @@ use crate::store::{Store, StoreErrorKind};
 
 pub use build::BuildFile;
 pub use layered::{LayeredFile, ReadBuf, Segment};
-pub use prefetch::{PrefetchHandle, PrefetchProgress, prefetch_offsets};
+pub use prefetch::{
+    PrefetchHandle, PrefetchPlan, PrefetchProgress, load_prefetch_plan, parse_prefetch_plan,
+    prefetch_offsets,
+};
 
 use build::SessionTable;
 use pool::FetchPool;
@@ -350,6 +353,11 @@ impl Engine {
     /// Fetch sessions in flight (for tests and metrics).
     pub fn sessions_in_flight(&self) -> usize {
         self.shared.table.len()
+    }
+
+    /// The store for headers and blobs (through the directory tiers when configured).
+    pub fn meta_store(&self) -> &Arc<dyn Store> {
+        &self.shared.meta
     }
 
     /// Opens `file` of `build`: loads its header (or e2b's legacy synthetic header). The data of

@@ -312,7 +312,7 @@ const SIZE_UNITS: &[(&str, u128)] = &[
 ];
 
 /// `20ms`, `1.5s`, `250us`: a decimal number and a unit (no floating point involved).
-fn parse_duration(text: &str) -> Option<Duration> {
+pub(crate) fn parse_duration(text: &str) -> Option<Duration> {
     let ns = parse_scaled(text, TIME_UNITS)?;
     Some(Duration::from_nanos(u64::try_from(ns).ok()?))
 }
