@@ -47,6 +47,7 @@ use super::{FetchError, FetchErrorKind, Shared, bump};
 use crate::cache::{CacheErrorKind, ChunkCache, FillGuard};
 use crate::layout::DataSource;
 use crate::store::StoreErrorKind;
+use crate::store::shared_cache::WriteOutcome;
 
 /// A fetch unit: a frame index (compressed) or a chunk index (uncompressed).
 type UnitKey = (u64, u64);
@@ -137,6 +138,9 @@ struct State {
     active: usize,
     /// Next byte of each running transfer (for request-first joining).
     cursors: Vec<(u64, u64)>,
+    /// The first transfer is looking the whole chunk up in the directory tiers: no other
+    /// transfer may start (it would make the chunk partly claimed and the tier copy unusable).
+    tier_lookup: bool,
     next_run: u64,
     /// Async waiters: (id, byte range wanted, waker).
     waiters: Vec<(u64, Range<u64>, Waker)>,
@@ -619,6 +623,7 @@ impl BuildFile {
             state: Mutex::new(State {
                 active: 1,
                 cursors: vec![(0, start)],
+                tier_lookup: matches!(unit, Unit::Chunk { .. }) && !self.shared.tiers.is_empty(),
                 next_run: 1,
                 ..State::default()
             }),
@@ -649,7 +654,11 @@ impl BuildFile {
         };
         let at = block * self.cache.block_size();
         let mut state = session.lock();
-        if state.failed.is_some() || state.finished || state.active >= config.max_runs_per_chunk {
+        if state.failed.is_some()
+            || state.finished
+            || state.tier_lookup
+            || state.active >= config.max_runs_per_chunk
+        {
             return;
         }
         let bs = self.cache.block_size();
@@ -871,7 +880,8 @@ impl BuildFile {
                 .cache
                 .put_frame(&self.source.object, frame.start_c, bytes)
             {
-                Ok(_) => bump(&self.shared.counters.writebacks, 1),
+                Ok(WriteOutcome::Written) => bump(&self.shared.counters.writebacks, 1),
+                Ok(_) => {}
                 Err(e) => tracing::warn!(tier = tier.name, error = %e, "frame write-back failed"),
             }
         }
@@ -889,7 +899,9 @@ impl BuildFile {
         loop {
             let res = if first && run == 0 {
                 first = false;
-                match self.chunk_from_tiers(session, index) {
+                let from_tier = self.chunk_from_tiers(session, index);
+                session.lock().tier_lookup = false;
+                match from_tier {
                     Some(r) => r.map(|()| session.bytes.end),
                     None => self.stream_chunk_retrying(session, &unit, run, at, deadline),
                 }
@@ -934,7 +946,8 @@ impl BuildFile {
                     .cache
                     .put_chunk(&self.source.object, index, CHUNK_SIZE, bytes)
                 {
-                    Ok(_) => bump(&self.shared.counters.writebacks, 1),
+                    Ok(WriteOutcome::Written) => bump(&self.shared.counters.writebacks, 1),
+                    Ok(_) => {}
                     Err(e) => {
                         tracing::warn!(tier = tier.name, error = %e, "chunk write-back failed")
                     }

@@ -345,6 +345,23 @@ impl Engine {
         self.shared.counters.snapshot()
     }
 
+    /// Waits until no fetch session is in flight (transfers finished, write-backs to the
+    /// directory tiers done), at most `timeout`. Returns whether it drained. Call it before the
+    /// process exits, so no write-back is cut short (which would leave a temp and a lock file
+    /// and lose the cached copy).
+    pub fn drain(&self, timeout: Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if self.shared.table.len() == 0 {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
     /// Fetch threads started so far.
     pub fn fetch_threads(&self) -> usize {
         self.shared.pool.threads()
