@@ -63,6 +63,16 @@ pub enum Which {
     All,
 }
 
+/// How the cold benchmark splits the file between workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Layout {
+    /// Worker `w` reads the `w`-th of `workers` contiguous parts, front to back.
+    Contiguous,
+    /// Worker `w` reads every `workers`-th 2 MiB range.
+    Interleaved,
+}
+
 /// Which simulated-store pacing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum PacingArg {
@@ -122,6 +132,10 @@ pub struct EngineBenchArgs {
     /// cold: concurrent workers.
     #[arg(long, default_value_t = 4)]
     workers: usize,
+    /// cold: how the file is split between workers: contiguous (worker w reads the w-th quarter
+    /// front to back; matches e2b's figures) or interleaved (worker w reads every 4th 2 MiB range).
+    #[arg(long, value_enum, default_value = "contiguous")]
+    layout: Layout,
     /// cold: codecs (comma-separated): none, lz4, zstd1, zstd2, zstd3.
     #[arg(
         long,
@@ -293,6 +307,7 @@ struct Report {
     /// mean / p99 over `random_iterations` fresh caches; every cold triple pays this once.
     first_touch_us: Option<[f64; 3]>,
     cold: Vec<ColdRow>,
+    cold_layout: Option<Layout>,
     hit: Vec<HitRow>,
     bookkeeping: Option<BookkeepingRow>,
     wall_s: f64,
@@ -340,6 +355,7 @@ pub fn run(args: &EngineBenchArgs) -> anyhow::Result<()> {
     }
     if args.runs(Which::Cold) {
         report.cold = bench_cold(args, &dir.join("cold"), &config)?;
+        report.cold_layout = Some(args.layout);
         print_cold(&report.cold);
     }
     if args.runs(Which::Hit) {
@@ -756,7 +772,7 @@ fn bench_cold(
                         let engine =
                             Engine::new(Arc::clone(&sim) as Arc<dyn Store>, config.clone())?;
                         let file = engine.open(*id, FileKind::Memfile)?;
-                        let secs = cold_read(&file, size, read_size, args.workers)?;
+                        let secs = cold_read(&file, size, read_size, args.workers, args.layout)?;
                         times.push(secs);
                         let st = engine.stats();
                         requests += st.store_requests;
@@ -814,8 +830,16 @@ fn bench_cold(
 
 /// `workers` threads read the whole file: worker `w` takes every `workers`-th 2 MiB range, in
 /// `read_size` reads. Returns the seconds from the common start until the last worker is done.
-fn cold_read(file: &LayeredFile, size: u64, read_size: u64, workers: usize) -> anyhow::Result<f64> {
+fn cold_read(
+    file: &LayeredFile,
+    size: u64,
+    read_size: u64,
+    workers: usize,
+    layout: Layout,
+) -> anyhow::Result<f64> {
     let ranges = size.div_ceil(FRAME);
+    // Contiguous parts: `ranges` split as evenly as possible.
+    let per = ranges.div_ceil(workers as u64);
     let barrier = Barrier::new(workers + 1);
     std::thread::scope(|s| {
         let handles: Vec<_> = (0..workers)
@@ -824,8 +848,14 @@ fn cold_read(file: &LayeredFile, size: u64, read_size: u64, workers: usize) -> a
                 s.spawn(move || -> anyhow::Result<()> {
                     let mut buf = vec![0u8; usize::try_from(read_size)?];
                     barrier.wait();
-                    let mut r = w as u64;
-                    while r < ranges {
+                    let (mut r, last, step) = match layout {
+                        Layout::Interleaved => (w as u64, ranges, workers as u64),
+                        Layout::Contiguous => {
+                            let first = (w as u64 * per).min(ranges);
+                            (first, (first + per).min(ranges), 1)
+                        }
+                    };
+                    while r < last {
                         let start = r * FRAME;
                         let end = (start + FRAME).min(size);
                         let mut off = start;
@@ -835,7 +865,7 @@ fn cold_read(file: &LayeredFile, size: u64, read_size: u64, workers: usize) -> a
                             black_box(&buf);
                             off += read_size;
                         }
-                        r += workers as u64;
+                        r += step;
                     }
                     Ok(())
                 })
@@ -876,8 +906,7 @@ fn e2b_cold_label(r: &ColdRow) -> String {
 fn print_cold(rows: &[ColdRow]) {
     println!();
     println!(
-        "== cold concurrent: {} workers read the whole file, 2 MiB frames, fresh engine per iteration (ms per iteration) ==",
-        4
+        "== cold concurrent: workers read the whole file, 2 MiB frames, fresh engine per iteration (ms per iteration) =="
     );
     println!(
         "{:<8} {:<11} {:<6} {:>4} {:>8} {:>8} {:>8} {:>6} {:>8} {:>7} {:>9} {:>8} {:>6}",
@@ -1254,6 +1283,9 @@ fn markdown(r: &Report) -> String {
         );
     }
     if !r.cold.is_empty() {
+        if let Some(layout) = r.cold_layout {
+            let _ = writeln!(s, "Cold layout: {layout:?}.\n");
+        }
         let _ = writeln!(
             s,
             "| column | pacing | codec | iterations | ms (mean) | min–max | ratio | link used | TTFB + stored/bw ms | e2b ms | ours / e2b |"
