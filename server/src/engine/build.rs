@@ -88,6 +88,11 @@ impl SessionTable {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Whether a session for `key` is in flight.
+    fn contains(&self, key: UnitKey) -> bool {
+        self.shard(key).index.contains_key(&key)
+    }
+
     /// Sessions in flight.
     pub(crate) fn len(&self) -> usize {
         self.shards
@@ -570,6 +575,7 @@ impl BuildFile {
         let end = offset.saturating_add(len).min(self.cache.size());
         let mut waits = Vec::new();
         let mut pos = offset;
+        let mut last_miss: Option<Range<u64>> = None;
         while pos < end {
             let (unit, bytes) = self.unit_at(pos)?;
             let want = pos..end.min(bytes.end);
@@ -577,11 +583,52 @@ impl BuildFile {
             if self.cache.all_present(want.start, want.end - want.start) {
                 continue;
             }
-            if let Some(session) = self.session_for(unit, bytes, &want, priority) {
+            if let Some(session) = self.session_for(unit, bytes.clone(), &want, priority) {
                 waits.push((session, want));
+                last_miss = Some(bytes);
             }
         }
+        if priority == Priority::Demand
+            && let Some(missed) = last_miss
+        {
+            self.read_ahead(&missed);
+        }
         Ok(waits)
+    }
+
+    /// Sequential read-ahead: when a demand miss on a unit follows its predecessor (present or
+    /// in flight), the next `readahead_units` units are fetched at prefetch priority, so a
+    /// sequential reader keeps several transfers in flight instead of paying one time to
+    /// first byte per frame. Random access (the predecessor absent) triggers nothing.
+    fn read_ahead(self: &Arc<Self>, missed: &Range<u64>) {
+        let units = self.shared.config.readahead_units;
+        if units == 0 || missed.start == 0 {
+            return;
+        }
+        let Ok((prev_unit, prev)) = self.unit_at(missed.start - 1) else {
+            return;
+        };
+        let sequential = self.cache.all_present(prev.start, prev.end - prev.start)
+            || self.shared.table.contains(self.unit_key(&prev_unit));
+        if !sequential {
+            return;
+        }
+        let mut next = missed.end;
+        for _ in 0..units {
+            if next >= self.cache.size() {
+                break;
+            }
+            let Ok((unit, bytes)) = self.unit_at(next) else {
+                break;
+            };
+            if !self.cache.all_present(bytes.start, bytes.end - bytes.start)
+                && !self.shared.table.contains(self.unit_key(&unit))
+            {
+                let _ = self.session_for(unit, bytes.clone(), &bytes, Priority::Prefetch);
+                bump(&self.shared.counters.readahead, 1);
+            }
+            next = bytes.end;
+        }
     }
 
     /// The session of `unit`, creating it (and starting its transfer) if needed.

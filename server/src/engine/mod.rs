@@ -70,6 +70,9 @@ pub struct EngineConfig {
     pub join_window: u64,
     /// Most concurrent transfers filling one uncompressed chunk.
     pub max_runs_per_chunk: usize,
+    /// Sequential read-ahead: units (frames or chunks) fetched ahead of a demand miss that
+    /// follows its predecessor. 0 disables it.
+    pub readahead_units: usize,
     /// Number of session-table shards (each frame has an owner shard); 0 = one per core.
     pub shards: usize,
     /// A local directory frame/chunk cache (e2b's file names and write protocol), checked first.
@@ -88,6 +91,7 @@ impl Default for EngineConfig {
             prefetch_concurrency: 8,
             join_window: 512 * 1024,
             max_runs_per_chunk: 8,
+            readahead_units: 2,
             shards: 0,
             cache_dir: None,
             shared_cache: None,
@@ -170,9 +174,8 @@ impl ReadError {
 /// Counters of the engine (monotonic, relaxed).
 #[derive(Debug, Default)]
 pub struct EngineCounters {
-    /// Reads answered entirely from memory (or zeros).
-    pub hits: AtomicU64,
-    /// Reads that waited for at least one fetch.
+    /// Reads that waited for at least one fetch (hits are not counted here: the hit path
+    /// touches no shared cache line; callers count their requests).
     pub misses: AtomicU64,
     /// Fetch sessions started (frames or chunks).
     pub sessions: AtomicU64,
@@ -194,6 +197,8 @@ pub struct EngineCounters {
     pub fetch_errors: AtomicU64,
     /// Transfers retried after a transient failure.
     pub retries: AtomicU64,
+    /// Units fetched ahead of sequential readers.
+    pub readahead: AtomicU64,
     /// Uncompressed bytes made present in the caches.
     pub filled_bytes: AtomicU64,
 }
@@ -201,8 +206,6 @@ pub struct EngineCounters {
 /// A snapshot of [`EngineCounters`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct EngineStats {
-    /// See [`EngineCounters::hits`].
-    pub hits: u64,
     /// See [`EngineCounters::misses`].
     pub misses: u64,
     /// See [`EngineCounters::sessions`].
@@ -225,6 +228,8 @@ pub struct EngineStats {
     pub fetch_errors: u64,
     /// See [`EngineCounters::retries`].
     pub retries: u64,
+    /// See [`EngineCounters::readahead`].
+    pub readahead: u64,
     /// See [`EngineCounters::filled_bytes`].
     pub filled_bytes: u64,
 }
@@ -233,7 +238,6 @@ impl EngineCounters {
     fn snapshot(&self) -> EngineStats {
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
         EngineStats {
-            hits: l(&self.hits),
             misses: l(&self.misses),
             sessions: l(&self.sessions),
             joined: l(&self.joined),
@@ -245,6 +249,7 @@ impl EngineCounters {
             writebacks: l(&self.writebacks),
             fetch_errors: l(&self.fetch_errors),
             retries: l(&self.retries),
+            readahead: l(&self.readahead),
             filled_bytes: l(&self.filled_bytes),
         }
     }
