@@ -105,14 +105,26 @@ fn every_layer_reads_back_exactly_for_every_codec_and_block_size() {
     ] {
         let dir = tempfile::tempdir().unwrap();
         let (store, manifest) = chain(dir.path(), &spec(codec, block, seed));
-        let engine = Engine::new(store, config()).unwrap();
-        check_layers(&engine, &manifest, seed);
-        assert_eq!(engine.sessions_in_flight(), 0);
-        let stats = engine.stats();
-        assert!(
-            stats.store_requests > 0 && stats.fetch_errors == 0,
-            "{codec:?}: {stats:?}"
-        );
+        // The local store read with io_uring (straight into the cache) and with pread on the
+        // fetch threads.
+        for uring_local in [true, false] {
+            let engine = Engine::new(
+                store.clone(),
+                EngineConfig {
+                    uring_local,
+                    ..config()
+                },
+            )
+            .unwrap();
+            check_layers(&engine, &manifest, seed);
+            engine.drain(Duration::from_secs(20));
+            assert_eq!(engine.sessions_in_flight(), 0);
+            let stats = engine.stats();
+            assert!(
+                stats.store_requests > 0 && stats.fetch_errors == 0,
+                "{codec:?} uring {uring_local}: {stats:?}"
+            );
+        }
     }
 }
 
@@ -702,4 +714,47 @@ fn sequential_misses_read_ahead_and_random_ones_do_not() {
         f.read_at(frame * (2 << 20), &mut page).unwrap();
     }
     assert_eq!(engine.stats().readahead, 0);
+}
+
+/// The io_uring local path refuses a damaged object like the pread path: a truncated data file
+/// fails the read with an error naming the unit, and nothing of it is cached.
+#[test]
+fn the_io_uring_local_path_refuses_damaged_objects() {
+    for codec in [CompressionType::Zstd, CompressionType::None] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spec = spec(codec, PAGE_SIZE, 101);
+        spec.layers = 0;
+        let (store, manifest) = chain(dir.path(), &spec);
+        let base = &manifest.layers[0];
+        let want = fs::read(&base.files["rootfs.ext4"].flat).unwrap();
+        let name = if codec == CompressionType::None {
+            "rootfs.ext4"
+        } else {
+            "rootfs.ext4.zstd"
+        };
+        let object = store.root().join(base.build_id.to_string()).join(name);
+        let engine = Engine::new(store.clone(), config()).unwrap();
+        let f = engine.open(base.build_id, FileKind::Rootfs).unwrap();
+        // Cut the object in half: the last unit cannot be read.
+        let len = fs::metadata(&object).unwrap().len();
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&object)
+            .unwrap()
+            .set_len(len / 2)
+            .unwrap();
+        let off = want.len() as u64 - 4096;
+        let mut buf = vec![0u8; 4096];
+        let err = f.read_at(off, &mut buf).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("io_uring") && msg.contains(&base.build_id.to_string()),
+            "{msg}"
+        );
+        assert!(!f.is_present(off, 4096));
+        // The first bytes are still there and correct.
+        let mut head = vec![0u8; 4096];
+        f.read_at(0, &mut head).unwrap();
+        assert!(head == want[..4096]);
+    }
 }

@@ -117,7 +117,7 @@ impl SessionTable {
 
 /// The fetch unit of a session.
 #[derive(Debug, Clone, Copy)]
-enum Unit {
+pub(crate) enum Unit {
     Frame { index: usize, frame: Frame },
     Chunk { index: u64 },
 }
@@ -127,9 +127,9 @@ enum Unit {
 pub(crate) struct Session {
     key: UnitKey,
     file: Arc<BuildFile>,
-    unit: Unit,
+    pub(crate) unit: Unit,
     /// Uncompressed byte range of the unit in the build's data (clamped to the cache size).
-    bytes: Range<u64>,
+    pub(crate) bytes: Range<u64>,
     state: Mutex<State>,
     cond: Condvar,
 }
@@ -283,7 +283,7 @@ impl Session {
     /// transfer and the chunk still misses blocks (the caller continues as a new transfer).
     /// When `hold` is set and this last transfer completed the unit, the session stays in the
     /// table (so the unit is not fetched again meanwhile) until [`leave`](Self::leave).
-    fn end_run(
+    pub(crate) fn end_run(
         &self,
         run: u64,
         result: Result<(), Arc<FetchError>>,
@@ -351,7 +351,7 @@ impl Session {
         self.notify(state);
     }
 
-    fn set_cursor(&self, run: u64, at: u64) {
+    pub(crate) fn set_cursor(&self, run: u64, at: u64) {
         let mut state = self.lock();
         if let Some(c) = state.cursors.iter_mut().find(|(r, _)| *r == run) {
             c.1 = at;
@@ -400,7 +400,9 @@ pub struct BuildFile {
     /// The frame table: the union of the (possibly trimmed) tables of every header that
     /// referenced the build. Read on misses only.
     frames: RwLock<FrameTable>,
-    pub(crate) cache: ChunkCache,
+    pub(crate) cache: Arc<ChunkCache>,
+    /// The data object's local file, when the store is a local directory read with io_uring.
+    local_path: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for BuildFile {
@@ -432,12 +434,18 @@ impl BuildFile {
                 source.file
             )
         })?;
+        let local_path = if shared.uring.is_some() && shared.tiers.is_empty() {
+            shared.store.local_path(&source.object)
+        } else {
+            None
+        };
         Ok(Self {
             shared,
             id,
             frames: RwLock::new(source.frames.clone()),
             source,
-            cache,
+            cache: Arc::new(cache),
+            local_path,
         })
     }
 
@@ -491,7 +499,7 @@ impl BuildFile {
         Ok(())
     }
 
-    fn error(
+    pub(crate) fn error(
         &self,
         unit: &Unit,
         tier: &str,
@@ -731,6 +739,33 @@ impl BuildFile {
             start,
             used: AtomicBool::new(false),
         };
+        if let (Some(path), Some(workers)) = (&self.local_path, &self.shared.uring) {
+            // Local store: the unit's owner core reads it with io_uring. A refused task is
+            // dropped with its ticket, which fails the session.
+            let core = owner(session.key, workers.workers());
+            let (file, path) = (Arc::clone(self), path.clone());
+            let compression = self.compression();
+            let _ = workers.spawn_on(core, move || async move {
+                let ticket = ticket;
+                ticket
+                    .used
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                let session = &ticket.session;
+                match session.unit {
+                    Unit::Frame { index, frame } => {
+                        let res = file
+                            .fetch_frame_local(index, frame, compression, &path)
+                            .await;
+                        let _ = session.end_run(ticket.run, res, session.bytes.end);
+                    }
+                    Unit::Chunk { index } => {
+                        file.run_chunk_local(session, index, ticket.run, ticket.start, &path)
+                            .await;
+                    }
+                }
+            });
+            return;
+        }
         let job = Box::new(move || {
             ticket
                 .used
@@ -750,6 +785,14 @@ impl BuildFile {
         });
         // A refused job is dropped, and its ticket fails the session.
         let _ = self.shared.pool.submit(priority, job);
+    }
+
+    /// The codec of the data object.
+    fn compression(&self) -> thaw_codec::CompressionType {
+        self.frames
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .compression()
     }
 
     // ---- compressed frames ------------------------------------------------------------------
@@ -1213,6 +1256,14 @@ impl BuildFile {
             )),
         }
     }
+}
+
+/// The owner core of a unit among `n` workers.
+fn owner(key: UnitKey, n: usize) -> usize {
+    let mut h = std::hash::DefaultHasher::new();
+    key.hash(&mut h);
+    let n64 = u64::try_from(n.max(1)).unwrap_or(1);
+    usize::try_from(h.finish() % n64).unwrap_or(0)
 }
 
 /// What a reader waits for: sessions and the byte range wanted from each.

@@ -21,6 +21,7 @@
 mod build;
 mod callback;
 mod layered;
+mod local;
 mod pool;
 mod prefetch;
 
@@ -75,6 +76,9 @@ pub struct EngineConfig {
     pub readahead_units: usize,
     /// Number of session-table shards (each frame has an owner shard); 0 = one per core.
     pub shards: usize,
+    /// Read a local-directory store (`file://`) with io_uring on the process's I/O workers,
+    /// straight into cache memory, instead of `pread` on the fetch threads.
+    pub uring_local: bool,
     /// A local directory frame/chunk cache (e2b's file names and write protocol), checked first.
     pub cache_dir: Option<PathBuf>,
     /// The shared directory cache (an NFS mount in production), checked after `cache_dir`.
@@ -93,6 +97,7 @@ impl Default for EngineConfig {
             max_runs_per_chunk: 8,
             readahead_units: 2,
             shards: 0,
+            uring_local: true,
             cache_dir: None,
             shared_cache: None,
         }
@@ -277,6 +282,8 @@ pub(crate) struct Shared {
     pub(crate) config: EngineConfig,
     pub(crate) table: SessionTable,
     pub(crate) pool: FetchPool,
+    /// The io_uring workers reading a local-directory store (see `local.rs`).
+    pub(crate) uring: Option<crate::runtime::Handle>,
     pub(crate) counters: EngineCounters,
     /// Open build files (one cache per build file per process).
     builds: Mutex<HashMap<(BuildId, FileKind), Weak<BuildFile>>>,
@@ -320,6 +327,12 @@ impl Engine {
             config.shards
         };
         let pool = FetchPool::new(config.fetch_threads, config.prefetch_concurrency);
+        let uring = if config.uring_local && tiers.is_empty() && store.local_path("probe").is_some()
+        {
+            local::workers()
+        } else {
+            None
+        };
         Ok(Self {
             shared: Arc::new(Shared {
                 store,
@@ -327,6 +340,7 @@ impl Engine {
                 tiers,
                 table: SessionTable::new(shards),
                 pool,
+                uring,
                 counters: EngineCounters::default(),
                 builds: Mutex::new(HashMap::new()),
                 next_file_id: AtomicU64::new(1),
