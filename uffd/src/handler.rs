@@ -259,6 +259,13 @@ impl<S: PageSource> FaultHandler<S> {
         self.join_inner()
     }
 
+    /// Waits for the fault thread like [`join`](Self::join), keeping the handler for inspection
+    /// (page states, dirty pages, metrics after the VM is gone). A second call returns
+    /// `Ok(Exit::Stopped)`.
+    pub fn wait(&mut self) -> Result<Exit> {
+        self.join_inner()
+    }
+
     fn join_inner(&mut self) -> Result<Exit> {
         let Some(t) = self.thread.take() else {
             return Ok(Exit::Stopped);
