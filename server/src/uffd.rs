@@ -269,11 +269,18 @@ impl Prefetcher {
         self.threads.iter().all(JoinHandle::is_finished)
     }
 
-    fn join(self) -> PrefetchReport {
-        for t in self.threads {
+    fn join(mut self) -> PrefetchReport {
+        for t in std::mem::take(&mut self.threads) {
             let _ = t.join();
         }
         self.counters.report()
+    }
+}
+
+impl Drop for Prefetcher {
+    /// A server dropped without `join` (or a failed start) leaves no worker warming or waiting.
+    fn drop(&mut self) {
+        self.cancel();
     }
 }
 

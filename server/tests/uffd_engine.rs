@@ -107,7 +107,12 @@ impl Mem {
     fn write_u64(&self, offset: usize, v: u64) {
         assert!(offset + 8 <= self.len);
         // SAFETY: inside the live mapping, 8-byte aligned by the callers.
-        unsafe { self.base.wrapping_add(offset).cast::<u64>().write_volatile(v) };
+        unsafe {
+            self.base
+                .wrapping_add(offset)
+                .cast::<u64>()
+                .write_volatile(v)
+        };
     }
 }
 
