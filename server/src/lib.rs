@@ -10,6 +10,8 @@
 //! - [`chain`]: layered test chains and their flattened images;
 //! - [`runtime`]: thread-per-core workers, each a tokio-uring runtime (spawn on a core, wake
 //!   across cores); [`uring`]: io_uring reads (owned, registered and foreign-memory buffers);
+//! - [`uffd`]: the UFFD memory handler over the engine ([`uffd::EngineSource`],
+//!   [`uffd::serve_uffd`]);
 //! - [`cli`]: the `thaw` subcommands.
 
 pub mod cache;
@@ -20,5 +22,6 @@ pub mod flatten;
 pub mod layout;
 pub mod runtime;
 pub mod store;
+pub mod uffd;
 pub mod uring;
 pub mod writer;

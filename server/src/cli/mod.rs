@@ -12,6 +12,7 @@ pub mod compress;
 pub mod engine_args;
 pub mod inspect;
 pub mod read;
+pub mod uffd;
 
 /// thaw serves VM snapshot images (e2b's layered build format) lazily.
 #[derive(Debug, Parser)]
@@ -39,6 +40,9 @@ pub enum Command {
     /// Read a build file (or a range) through the engine and its cache tiers.
     #[command(long_about = read::LONG_ABOUT)]
     Read(read::ReadArgs),
+    /// Serve a VM's memory to Firecracker (UFFD snapshot backend) from a build's memfile.
+    #[command(long_about = uffd::LONG_ABOUT)]
+    Uffd(uffd::UffdArgs),
 }
 
 /// Runs a parsed command line.
@@ -47,6 +51,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Compress(args) => compress::run(&args),
         Command::Inspect(args) => inspect::run(&args),
         Command::Read(args) => read::run(&args),
+        Command::Uffd(args) => uffd::run(&args),
     }
 }
 

@@ -258,6 +258,19 @@ impl LayeredFile {
         Ok(slot.opened.get_or_init(|| opened))
     }
 
+    /// Opens every build the header references now (each at most one metadata request to the
+    /// store), so that later [`request`](Self::request)s do no store I/O on the calling thread:
+    /// the UFFD fault thread calls `request` and must not wait for the store.
+    ///
+    /// # Errors
+    /// [`ReadError::Open`] for a build whose data cannot be found or described.
+    pub fn open_all(&self) -> Result<(), ReadError> {
+        for s in 0..self.slots.len() {
+            self.slot_file(s)?;
+        }
+        Ok(())
+    }
+
     /// Zero-copy hit: the bytes if the range lies inside one mapping and is present (or nil).
     /// No lock, no allocation. `None` otherwise (a miss, or several mappings).
     #[inline]
