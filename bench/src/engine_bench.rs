@@ -167,6 +167,12 @@ pub struct EngineBenchArgs {
     /// Engine setting: most concurrent transfers per uncompressed chunk (default: the engine's).
     #[arg(long)]
     max_runs_per_chunk: Option<usize>,
+    /// Engine setting: sequential read-ahead in units (default: the engine's; 0 disables).
+    #[arg(long)]
+    readahead_units: Option<usize>,
+    /// Engine setting: most prefetch/read-ahead transfers at once (default: the engine's).
+    #[arg(long)]
+    prefetch_concurrency: Option<usize>,
     /// Directory for the generated builds (default: a temporary directory, removed at the end).
     #[arg(long)]
     dir: Option<PathBuf>,
@@ -190,6 +196,12 @@ impl EngineBenchArgs {
         }
         if let Some(m) = self.max_runs_per_chunk {
             c.max_runs_per_chunk = m;
+        }
+        if let Some(r) = self.readahead_units {
+            c.readahead_units = r;
+        }
+        if let Some(p) = self.prefetch_concurrency {
+            c.prefetch_concurrency = p;
         }
         c
     }
@@ -341,6 +353,13 @@ pub fn run(args: &EngineBenchArgs) -> anyhow::Result<()> {
     report
         .engine_config
         .insert("fetch_threads".into(), config.fetch_threads.to_string());
+    report
+        .engine_config
+        .insert("readahead_units".into(), config.readahead_units.to_string());
+    report.engine_config.insert(
+        "prefetch_concurrency".into(),
+        config.prefetch_concurrency.to_string(),
+    );
 
     if args.runs(Which::Random) {
         report.random = bench_random(args, &dir.join("random"), &config)?;

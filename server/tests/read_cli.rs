@@ -148,6 +148,43 @@ fn truncated_cache_files_fall_through_to_the_store() {
 }
 
 #[test]
+fn cache_files_replaced_by_other_frames_are_never_served() {
+    // B9: a cache file replaced under its name (another node's bug, a restore from backup...):
+    // each .frm file gets the bytes of a different frame. Sizes differ, or the content checksum
+    // does: every one is refused and deleted, the bytes come from the store.
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = chain(dir.path(), CompressionType::Zstd);
+    let top = manifest.top().unwrap();
+    let build = top.build_id.to_string();
+    let want = fs::read(&top.files["rootfs.ext4"].flat).unwrap();
+    let shared = dir.path().join("nfs");
+    let args = ["--shared-cache", shared.to_str().unwrap()];
+    let out = dir.path().join("out");
+    ok(&thaw_read(dir.path(), &build, &args, &out));
+    let mut frames: Vec<_> = walk(&shared)
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "frm"))
+        .collect();
+    frames.sort();
+    assert!(frames.len() >= 2, "{frames:?}");
+    let contents: Vec<Vec<u8>> = frames.iter().map(|p| fs::read(p).unwrap()).collect();
+    for (i, p) in frames.iter().enumerate() {
+        fs::write(p, &contents[(i + 1) % contents.len()]).unwrap();
+    }
+    let summary = ok(&thaw_read(dir.path(), &build, &args, &out));
+    assert_eq!(
+        fs::read(&out).unwrap(),
+        want,
+        "a replaced cache file was served"
+    );
+    assert_eq!(count(&summary, "from --shared-cache"), 0, "{summary}");
+    // They were deleted and written back fresh: a third process is served from the cache.
+    let third = ok(&thaw_read(dir.path(), &build, &args, &out));
+    assert_eq!(fs::read(&out).unwrap(), want);
+    assert_eq!(count(&third, "store requests"), 0, "{third}");
+}
+
+#[test]
 fn an_unwritable_cache_directory_serves_from_the_store() {
     // B8: the cache tier cannot take writes (here: a path whose parent is a file, so every
     // create fails with ENOTDIR; as root, permission bits would not stop us).
