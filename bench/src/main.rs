@@ -31,7 +31,7 @@ enum Command {
     Codec(codec_bench::CodecBenchArgs),
     /// The engine under e2b's chunker benchmarks (simulated GCS/NFS): random access, cold
     /// concurrent reads per codec, cache hits, bookkeeping memory; e2b's figures beside ours.
-    Engine(engine_bench::EngineBenchArgs),
+    Engine(Box<engine_bench::EngineBenchArgs>),
 }
 
 fn main() -> ExitCode {
@@ -46,7 +46,7 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Gen(args) => gen_cmd::run(args),
         Command::Codec(args) => codec_bench::run(args),
-        Command::Engine(args) => engine_bench::run(args),
+        Command::Engine(args) => engine_bench::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
