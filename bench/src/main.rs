@@ -46,7 +46,7 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Gen(args) => gen_cmd::run(args),
         Command::Codec(args) => codec_bench::run(args),
-        Command::Engine(args) => engine_bench::run(&args),
+        Command::Engine(args) => engine_bench::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
