@@ -4,6 +4,8 @@
 //! - `thaw-bench codec`: frame decode/encode throughput against the `zstd` and `lz4` CLIs.
 //! - `thaw-bench engine`: e2b's chunker benchmarks (random access, cold concurrent reads, cache
 //!   hits, bookkeeping) against the engine, beside e2b's figures.
+//! - `thaw-bench uffd`: the UFFD fault path (warm 4 KiB / 2 MiB faults vs a minimal handler, cold
+//!   image touch with and without prefetch).
 
 use std::process::ExitCode;
 
@@ -12,6 +14,8 @@ use clap::{Parser, Subcommand};
 mod codec_bench;
 mod engine_bench;
 mod gen_cmd;
+mod uffd_bench;
+mod uffd_sys;
 
 /// thaw's benchmark harness and test-data generator.
 #[derive(Debug, Parser)]
@@ -32,6 +36,9 @@ enum Command {
     /// The engine under e2b's chunker benchmarks (simulated GCS/NFS): random access, cold
     /// concurrent reads per codec, cache hits, bookkeeping memory; e2b's figures beside ours.
     Engine(Box<engine_bench::EngineBenchArgs>),
+    /// The UFFD fault path: warm 4 KiB and 2 MiB faults vs a minimal handler, and a cold image
+    /// touch through the simulated store and file://, with and without prefetch.
+    Uffd(Box<uffd_bench::UffdBenchArgs>),
 }
 
 fn main() -> ExitCode {
@@ -47,6 +54,7 @@ fn main() -> ExitCode {
         Command::Gen(args) => gen_cmd::run(args),
         Command::Codec(args) => codec_bench::run(args),
         Command::Engine(args) => engine_bench::run(args),
+        Command::Uffd(args) => uffd_bench::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
