@@ -63,6 +63,43 @@ pub enum Which {
     All,
 }
 
+/// The cold benchmark's touch order (also the recorded prefetch plan).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Order {
+    /// 2 MiB frames in a seeded random order, the 4 KiB pages of each frame shuffled.
+    Framelocal,
+    /// Every 4 KiB page in a seeded random order.
+    Random,
+    /// Front to back.
+    Sequential,
+}
+
+fn touch_order(order: Order, len: usize, seed: u64) -> anyhow::Result<Vec<usize>> {
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let pages = len / usize_of(PAGE)?;
+    Ok(match order {
+        Order::Sequential => (0..pages).collect(),
+        Order::Random => {
+            let mut v: Vec<usize> = (0..pages).collect();
+            v.shuffle(&mut rng);
+            v
+        }
+        Order::Framelocal => {
+            let per_frame = usize_of(FRAME / PAGE)?;
+            let mut frames: Vec<usize> = (0..len / usize_of(FRAME)?).collect();
+            frames.shuffle(&mut rng);
+            let mut v = Vec::with_capacity(pages);
+            for f in frames {
+                let mut p: Vec<usize> = (f * per_frame..(f + 1) * per_frame).collect();
+                p.shuffle(&mut rng);
+                v.extend(p);
+            }
+            v
+        }
+    })
+}
+
 /// Arguments of `thaw-bench uffd`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct UffdBenchArgs {
@@ -81,6 +118,10 @@ pub struct UffdBenchArgs {
     /// cold: image size in MiB.
     #[arg(long, default_value_t = 256)]
     cold_mib: u64,
+    /// cold: touch (and plan) orders, comma-separated: framelocal (2 MiB frames shuffled, the
+    /// pages of each frame shuffled), random (all 4 KiB pages shuffled), sequential.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "framelocal")]
+    cold_order: Vec<Order>,
     /// cold: prefetch worker threads of the UFFD server.
     #[arg(long, default_value_t = 8)]
     prefetch_concurrency: usize,
@@ -117,6 +158,10 @@ struct Lat {
     max_ns: u64,
     /// Faults per second of touching (one faulting thread, one handler thread).
     faults_per_s: f64,
+    /// On-CPU time of the handler thread (`/proc/.../schedstat`), ns per fault.
+    handler_cpu_ns_per_fault: f64,
+    /// Faults per handler CPU-second (what one handler core could serve).
+    faults_per_handler_core_s: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -139,6 +184,7 @@ struct WarmRow {
 
 #[derive(Debug, Clone, Serialize)]
 struct ColdRow {
+    order: Order,
     store: String,
     prefetch: bool,
     image_mib: u64,
@@ -154,6 +200,8 @@ struct ColdRow {
     prefaulted: u64,
     store_requests: u64,
     store_mib: f64,
+    /// Every page faulted at the warm 4 KiB mean latency (the fault path alone), if measured.
+    faults_at_warm_ms: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -211,8 +259,9 @@ pub fn run(args: &UffdBenchArgs) -> anyhow::Result<()> {
             .iter()
             .find(|r| r.page == "4 KiB")
             .map(|r| r.engine.mean_ns);
-        report.cold_order = "frame-local shuffle: the 2 MiB frames in a seeded random order, the \
-                             4 KiB pages of each frame in a seeded random order"
+        report.cold_order = "framelocal = the 2 MiB frames in a seeded random order, the 4 KiB \
+                             pages of each frame shuffled; random = every 4 KiB page shuffled; \
+                             sequential = front to back"
             .into();
         report.cold = bench_cold(args, &dir, warm_mean)?;
         print_cold(&report.cold);
@@ -427,6 +476,7 @@ fn bench_warm(args: &UffdBenchArgs, dir: &Path, page: u64, mib: u64) -> anyhow::
     let mut eh: Option<Histogram<u64>> = None;
     let mut mh: Option<Histogram<u64>> = None;
     let (mut et, mut mt) = (Duration::ZERO, Duration::ZERO);
+    let (mut ecpu, mut mcpu) = (0u64, 0u64);
     let mut engine_fetches = 0;
     // Pass 0 warms up both paths (first use of the hugetlb pool, the handler thread, the
     // allocator) and is not recorded.
@@ -447,12 +497,14 @@ fn bench_warm(args: &UffdBenchArgs, dir: &Path, page: u64, mib: u64) -> anyhow::
                 &uffd_options(false, 1),
             )?;
             let (h, t) = touch_all(&mem, usize_of(page)?, &order)?;
+            let cpu = thread_cpu_ns("thaw-uffd").context("the handler thread's CPU time")?;
             let r = finish(server)?;
             engine_fetches += r.metrics.fetches;
             check_image(&mem, &data, "engine path")?;
             tracing::info!(pass, "{}", r.summary());
             if record {
                 et += t;
+                ecpu += cpu;
                 match &mut eh {
                     Some(a) => a.add(&h)?,
                     None => eh = Some(h),
@@ -469,7 +521,7 @@ fn bench_warm(args: &UffdBenchArgs, dir: &Path, page: u64, mib: u64) -> anyhow::
             let ps = page;
             let handler = std::thread::Builder::new()
                 .name("minimal-uffd".into())
-                .spawn(move || -> std::io::Result<()> {
+                .spawn(move || -> std::io::Result<u64> {
                     let whole = src.as_slice();
                     let mut done = 0;
                     while done < pages {
@@ -486,15 +538,16 @@ fn bench_warm(args: &UffdBenchArgs, dir: &Path, page: u64, mib: u64) -> anyhow::
                         }
                         done += 1;
                     }
-                    Ok(())
+                    Ok(self_cpu_ns().unwrap_or(0))
                 })?;
             let (h, t) = touch_all(&mem, usize_of(page)?, &order)?;
-            handler
+            let cpu = handler
                 .join()
                 .map_err(|_| anyhow::anyhow!("minimal handler panicked"))??;
             check_image(&mem, &data, "minimal handler")?;
             if record {
                 mt += t;
+                mcpu += cpu;
                 match &mut mh {
                     Some(a) => a.add(&h)?,
                     None => mh = Some(h),
@@ -505,8 +558,8 @@ fn bench_warm(args: &UffdBenchArgs, dir: &Path, page: u64, mib: u64) -> anyhow::
     let (Some(eh), Some(mh)) = (eh, mh) else {
         bail!("no passes");
     };
-    let engine = lat(&eh, et);
-    let minimal = lat(&mh, mt);
+    let engine = lat(&eh, et, ecpu);
+    let minimal = lat(&mh, mt, mcpu);
     let ratio = engine.p50_ns as f64 / minimal.p50_ns.max(1) as f64;
     let (goal_ratio, goal_rate) = if huge {
         (GOAL_2M_RATIO, None)
@@ -517,7 +570,7 @@ fn bench_warm(args: &UffdBenchArgs, dir: &Path, page: u64, mib: u64) -> anyhow::
         page: if huge { "2 MiB" } else { "4 KiB" }.into(),
         image_mib: mib,
         passes: args.passes.max(1),
-        rate_met: goal_rate.map(|g| engine.faults_per_s >= g),
+        rate_met: goal_rate.map(|g| engine.faults_per_handler_core_s >= g),
         engine,
         minimal,
         ratio_p50: ratio,
@@ -528,8 +581,11 @@ fn bench_warm(args: &UffdBenchArgs, dir: &Path, page: u64, mib: u64) -> anyhow::
     })
 }
 
-fn lat(h: &Histogram<u64>, total: Duration) -> Lat {
+fn lat(h: &Histogram<u64>, total: Duration, cpu_ns: u64) -> Lat {
+    let per = cpu_ns as f64 / h.len().max(1) as f64;
     Lat {
+        handler_cpu_ns_per_fault: per,
+        faults_per_handler_core_s: if per > 0.0 { 1e9 / per } else { 0.0 },
         faults: h.len(),
         p50_ns: h.value_at_quantile(0.5),
         p99_ns: h.value_at_quantile(0.99),
@@ -545,16 +601,30 @@ fn print_warm(r: &WarmRow) {
         r.page, r.image_mib, r.passes, r.engine.faults
     );
     println!(
-        "  {:<28} {:>9} {:>9} {:>9} {:>10} {:>12}",
-        "handler", "p50 ns", "p99 ns", "mean ns", "max ns", "faults/s"
+        "  {:<28} {:>9} {:>9} {:>9} {:>10} {:>12} {:>12} {:>14}",
+        "handler",
+        "p50 ns",
+        "p99 ns",
+        "mean ns",
+        "max ns",
+        "faults/s",
+        "cpu ns/fault",
+        "faults/cpu-s"
     );
     for (name, l) in [
         ("thaw (serve_file)", &r.engine),
         ("minimal read+UFFDIO_COPY", &r.minimal),
     ] {
         println!(
-            "  {:<28} {:>9} {:>9} {:>9.0} {:>10} {:>12.0}",
-            name, l.p50_ns, l.p99_ns, l.mean_ns, l.max_ns, l.faults_per_s
+            "  {:<28} {:>9} {:>9} {:>9.0} {:>10} {:>12.0} {:>12.0} {:>14.0}",
+            name,
+            l.p50_ns,
+            l.p99_ns,
+            l.mean_ns,
+            l.max_ns,
+            l.faults_per_s,
+            l.handler_cpu_ns_per_fault,
+            l.faults_per_handler_core_s
         );
     }
     println!(
@@ -563,12 +633,38 @@ fn print_warm(r: &WarmRow) {
         r.goal_ratio,
         goal_word(r.ratio_met),
         r.goal_rate.map_or(String::new(), |g| format!(
-            "; {:.0} faults/s (goal >= {g:.0}: {})",
+            "; {:.0} faults per handler CPU-second (goal >= {g:.0}: {}; wall {:.0}/s, limit's wall {:.0}/s)",
+            r.engine.faults_per_handler_core_s,
+            goal_word(r.rate_met.unwrap_or(false)),
             r.engine.faults_per_s,
-            goal_word(r.rate_met.unwrap_or(false))
+            r.minimal.faults_per_s
         )),
         r.engine_fetches
     );
+}
+
+/// On-CPU nanoseconds of the thread named `name` (the first one) of this process.
+fn thread_cpu_ns(name: &str) -> anyhow::Result<u64> {
+    for task in std::fs::read_dir("/proc/self/task")? {
+        let task = task?.path();
+        if std::fs::read_to_string(task.join("comm")).is_ok_and(|c| c.trim() == name) {
+            return schedstat(&task.join("schedstat"));
+        }
+    }
+    bail!("no thread named {name}")
+}
+
+/// On-CPU nanoseconds of the calling thread.
+fn self_cpu_ns() -> anyhow::Result<u64> {
+    schedstat(Path::new("/proc/thread-self/schedstat"))
+}
+
+fn schedstat(path: &Path) -> anyhow::Result<u64> {
+    let s = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(s.split_whitespace()
+        .next()
+        .context("empty schedstat")?
+        .parse()?)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -625,97 +721,122 @@ fn bench_cold(
     let store = Arc::new(FileStore::new(dir.join("cold")));
     let id = BuildId::from_u128(0xC01D_0000 | u128::from(args.seed));
     let stored = write_build(store.as_ref(), id, &data, PAGE, CompressionType::Zstd)?;
-    // The touch order: frames shuffled, pages within each frame shuffled.
-    let mut rng = SmallRng::seed_from_u64(args.seed);
-    let per_frame = usize_of(FRAME / PAGE)?;
-    let mut frames: Vec<usize> = (0..len / usize_of(FRAME)?).collect();
-    frames.shuffle(&mut rng);
-    let mut order = Vec::with_capacity(len / usize_of(PAGE)?);
-    for f in frames {
-        let mut p: Vec<usize> = (f * per_frame..(f + 1) * per_frame).collect();
-        p.shuffle(&mut rng);
-        order.extend(p);
-    }
-    let plan = serde_json::json!({
-        "version": 2,
-        "prefetch": {"memory": {"indices": order, "block_size": PAGE}},
-    });
-    store.put(
-        &format!("{id}/metadata.json"),
-        &serde_json::to_vec(&plan)?,
-        &PutOptions::default(),
-    )?;
     let sim = SimConfig {
         pacing: Pacing::Shared,
         seed: Some(1),
         ..SimConfig::gcs()
     };
     let link_ms = stored as f64 / 100e6 * 1e3 + 20.0;
-    let pages = order.len();
+    let decode_ms = decode_floor(Arc::clone(&store), id, len)?;
     let mut rows = Vec::new();
-    for sim_store in [true, false] {
-        for prefetch in [false, true] {
-            let s: Arc<dyn Store> = if sim_store {
-                Arc::new(SimStore::new(
-                    Arc::clone(&store) as Arc<dyn Store>,
-                    sim.clone(),
-                ))
-            } else {
-                Arc::clone(&store) as Arc<dyn Store>
-            };
-            let engine = Engine::new(s, EngineConfig::default())?;
-            let mem = Mem::new(len, false)?;
-            let socket = dir.join("uffd-cold.sock");
-            let _ = std::fs::remove_file(&socket);
-            let listener = UnixListener::bind(&socket)?;
-            let _stream = handshake(&socket, &mem, PAGE)?;
-            let start = Instant::now();
-            let server = serve_uffd(
-                &engine,
-                id,
-                &listener,
-                &uffd_options(prefetch, args.prefetch_concurrency),
-            )?;
-            let (h, _) = touch_all(&mem, usize_of(PAGE)?, &order)?;
-            let total = start.elapsed();
-            let r = finish(server)?;
-            check_image(&mem, &data, "cold")?;
-            eprintln!("{}", r.summary());
-            let (floor_ms, floor) = if sim_store {
-                (
-                    Some(link_ms),
-                    "link: stored bytes / 100 MB/s + 20 ms".to_owned(),
-                )
-            } else {
-                (
-                    warm_mean_ns.map(|ns| ns * pages as f64 / 1e6),
-                    "every fault at the warm 4 KiB mean".to_owned(),
-                )
-            };
-            let total_ms = total.as_secs_f64() * 1e3;
-            rows.push(ColdRow {
-                store: if sim_store {
-                    "sim GCS (20 ms, 100 MB/s shared)".into()
+    for &order_kind in &args.cold_order {
+        let order = touch_order(order_kind, len, args.seed)?;
+        let plan = serde_json::json!({
+            "version": 2,
+            "prefetch": {"memory": {"indices": order, "block_size": PAGE}},
+        });
+        store.put(
+            &format!("{id}/metadata.json"),
+            &serde_json::to_vec(&plan)?,
+            &PutOptions::default(),
+        )?;
+        for sim_store in [true, false] {
+            for prefetch in [false, true] {
+                let s: Arc<dyn Store> = if sim_store {
+                    Arc::new(SimStore::new(
+                        Arc::clone(&store) as Arc<dyn Store>,
+                        sim.clone(),
+                    ))
                 } else {
-                    "file:// (local)".into()
-                },
-                prefetch,
-                image_mib: args.cold_mib,
-                stored_mib: stored as f64 / MIB as f64,
-                total_ms,
-                floor_ms,
-                floor,
-                ratio: floor_ms.map(|f| total_ms / f),
-                fault_p50_us: h.value_at_quantile(0.5) as f64 / 1e3,
-                fault_p99_us: h.value_at_quantile(0.99) as f64 / 1e3,
-                faults: r.metrics.faults_missing,
-                prefaulted: r.prefetch.map_or(0, |p| p.prefaulted),
-                store_requests: r.engine.store_requests,
-                store_mib: r.engine.store_bytes as f64 / MIB as f64,
-            });
+                    Arc::clone(&store) as Arc<dyn Store>
+                };
+                let engine = Engine::new(s, EngineConfig::default())?;
+                let mem = Mem::new(len, false)?;
+                let socket = dir.join("uffd-cold.sock");
+                let _ = std::fs::remove_file(&socket);
+                let listener = UnixListener::bind(&socket)?;
+                let _stream = handshake(&socket, &mem, PAGE)?;
+                let start = Instant::now();
+                let server = serve_uffd(
+                    &engine,
+                    id,
+                    &listener,
+                    &uffd_options(prefetch, args.prefetch_concurrency),
+                )?;
+                let (h, _) = touch_all(&mem, usize_of(PAGE)?, &order)?;
+                let total = start.elapsed();
+                let r = finish(server)?;
+                check_image(&mem, &data, "cold")?;
+                eprintln!("{}", r.summary());
+                let (floor_ms, floor) = if sim_store {
+                    (
+                        Some(link_ms),
+                        "link: stored bytes / 100 MB/s + 20 ms".to_owned(),
+                    )
+                } else {
+                    (
+                        Some(decode_ms),
+                        "decode: whole image into a fresh engine's cache, all cores".to_owned(),
+                    )
+                };
+                let faults_at_warm_ms = warm_mean_ns.map(|ns| ns * order.len() as f64 / 1e6);
+                let total_ms = total.as_secs_f64() * 1e3;
+                rows.push(ColdRow {
+                    store: if sim_store {
+                        "sim GCS (20 ms, 100 MB/s shared)".into()
+                    } else {
+                        "file:// (local)".into()
+                    },
+                    prefetch,
+                    image_mib: args.cold_mib,
+                    stored_mib: stored as f64 / MIB as f64,
+                    total_ms,
+                    floor_ms,
+                    floor,
+                    ratio: floor_ms.map(|f| total_ms / f),
+                    fault_p50_us: h.value_at_quantile(0.5) as f64 / 1e3,
+                    fault_p99_us: h.value_at_quantile(0.99) as f64 / 1e3,
+                    faults: r.metrics.faults_missing,
+                    prefaulted: r.prefetch.map_or(0, |p| p.prefaulted),
+                    store_requests: r.engine.store_requests,
+                    store_mib: r.engine.store_bytes as f64 / MIB as f64,
+                    order: order_kind,
+                    faults_at_warm_ms,
+                });
+            }
         }
     }
     Ok(rows)
+}
+
+/// ms to decompress the whole image into a fresh engine's cache over `file://`, one reader per
+/// core, each reading every n-th 2 MiB frame.
+fn decode_floor(store: Arc<FileStore>, id: BuildId, len: usize) -> anyhow::Result<f64> {
+    let engine = Engine::new(store, EngineConfig::default())?;
+    let file = Arc::new(engine.open(id, FileKind::Memfile)?);
+    let n = std::thread::available_parallelism().map_or(1, usize::from);
+    let frames = len / usize_of(FRAME)?;
+    let start = Instant::now();
+    std::thread::scope(|sc| -> anyhow::Result<()> {
+        let hs: Vec<_> = (0..n)
+            .map(|w| {
+                let file = Arc::clone(&file);
+                sc.spawn(move || -> anyhow::Result<()> {
+                    let mut buf = vec![0u8; 2 << 20];
+                    for f in (w..frames).step_by(n) {
+                        file.read_at(f as u64 * FRAME, &mut buf)?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for h in hs {
+            h.join()
+                .map_err(|_| anyhow::anyhow!("decode reader panicked"))??;
+        }
+        Ok(())
+    })?;
+    Ok(start.elapsed().as_secs_f64() * 1e3)
 }
 
 fn print_cold(rows: &[ColdRow]) {
@@ -727,7 +848,8 @@ fn print_cold(rows: &[ColdRow]) {
         first.image_mib, first.stored_mib
     );
     println!(
-        "  {:<34} {:>8} {:>10} {:>10} {:>7} {:>10} {:>10} {:>8} {:>10}",
+        "  {:<11} {:<34} {:>8} {:>10} {:>10} {:>7} {:>10} {:>10} {:>8} {:>10}",
+        "order",
         "store",
         "prefetch",
         "total ms",
@@ -740,7 +862,8 @@ fn print_cold(rows: &[ColdRow]) {
     );
     for r in rows {
         println!(
-            "  {:<34} {:>8} {:>10.0} {:>10} {:>7} {:>10.1} {:>10.1} {:>8} {:>10}",
+            "  {:<11} {:<34} {:>8} {:>10.0} {:>10} {:>7} {:>10.1} {:>10.1} {:>8} {:>10}",
+            format!("{:?}", r.order).to_lowercase(),
             r.store,
             if r.prefetch { "yes" } else { "no" },
             r.total_ms,
@@ -768,16 +891,16 @@ fn markdown(r: &Report) -> String {
     if !r.warm.is_empty() {
         let _ = writeln!(
             s,
-            "| page | handler | faults | p50 ns | p99 ns | mean ns | faults/s | p50 ratio | goal |"
+            "| page | handler | faults | p50 ns | p99 ns | mean ns | faults/s (wall) | handler CPU ns/fault | faults per handler CPU-s | p50 ratio | goal |"
         );
-        let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|---:|---|");
+        let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|");
         for w in &r.warm {
             let goal = format!(
                 "p50 <= {} x: {}{}",
                 w.goal_ratio,
                 goal_word(w.ratio_met),
                 w.goal_rate.map_or(String::new(), |g| format!(
-                    "; >= {g:.0}/s: {}",
+                    "; >= {g:.0} faults per handler CPU-s: {}",
                     goal_word(w.rate_met.unwrap_or(false))
                 ))
             );
@@ -797,8 +920,15 @@ fn markdown(r: &Report) -> String {
             ] {
                 let _ = writeln!(
                     s,
-                    "| {} | {name} | {} | {} | {} | {:.0} | {:.0} | {ratio} | {goal} |",
-                    w.page, l.faults, l.p50_ns, l.p99_ns, l.mean_ns, l.faults_per_s
+                    "| {} | {name} | {} | {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {ratio} | {goal} |",
+                    w.page,
+                    l.faults,
+                    l.p50_ns,
+                    l.p99_ns,
+                    l.mean_ns,
+                    l.faults_per_s,
+                    l.handler_cpu_ns_per_fault,
+                    l.faults_per_handler_core_s
                 );
             }
         }
@@ -810,18 +940,22 @@ fn markdown(r: &Report) -> String {
     if let Some(first) = r.cold.first() {
         let _ = writeln!(
             s,
-            "Cold: {} MiB image, zstd level 1, 2 MiB frames ({:.1} MiB stored); touch order: {}.\n",
+            "Cold: {} MiB image, zstd level 1, 2 MiB frames ({:.1} MiB stored); touch orders: {}. The touch order is also the recorded prefetch plan.\n",
             first.image_mib, first.stored_mib, r.cold_order
         );
         let _ = writeln!(
             s,
-            "| store | prefetch | total ms | floor ms | ratio | fault p50 µs | fault p99 µs | faults | prefaulted | store requests | store MiB |"
+            "| order | store | prefetch | total ms | floor ms | ratio | fault p50 µs | fault p99 µs | faults | prefaulted | store requests | store MiB |"
         );
-        let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        let _ = writeln!(
+            s,
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        );
         for c in &r.cold {
             let _ = writeln!(
                 s,
-                "| {} | {} | {:.0} | {} | {} | {:.1} | {:.1} | {} | {} | {} | {:.1} |",
+                "| {} | {} | {} | {:.0} | {} | {} | {:.1} | {:.1} | {} | {} | {} | {:.1} |",
+                format!("{:?}", c.order).to_lowercase(),
                 c.store,
                 if c.prefetch { "yes" } else { "no" },
                 c.total_ms,
