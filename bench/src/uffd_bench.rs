@@ -943,6 +943,14 @@ fn markdown(r: &Report) -> String {
             "Cold: {} MiB image, zstd level 1, 2 MiB frames ({:.1} MiB stored); touch orders: {}. The touch order is also the recorded prefetch plan.\n",
             first.image_mib, first.stored_mib, r.cold_order
         );
+        let mut floors: Vec<String> = r
+            .cold
+            .iter()
+            .map(|c| format!("{}: {}", c.store, c.floor))
+            .collect();
+        floors.sort();
+        floors.dedup();
+        let _ = writeln!(s, "Floors: {}.\n", floors.join("; "));
         let _ = writeln!(
             s,
             "| order | store | prefetch | total ms | floor ms | ratio | fault p50 µs | fault p99 µs | faults | prefaulted | store requests | store MiB |"
@@ -959,8 +967,7 @@ fn markdown(r: &Report) -> String {
                 c.store,
                 if c.prefetch { "yes" } else { "no" },
                 c.total_ms,
-                c.floor_ms
-                    .map_or("-".into(), |f| format!("{f:.0} ({})", c.floor)),
+                c.floor_ms.map_or("-".into(), |f| format!("{f:.0}")),
                 c.ratio.map_or("-".into(), |x| format!("{x:.2}")),
                 c.fault_p50_us,
                 c.fault_p99_us,
