@@ -980,3 +980,35 @@ fn markdown(r: &Report) -> String {
     }
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn touch_orders_are_permutations_of_every_page() {
+        let len = usize::try_from(3 * FRAME).unwrap();
+        for o in [Order::Framelocal, Order::Random, Order::Sequential] {
+            let mut v = touch_order(o, len, 7).unwrap();
+            if o == Order::Framelocal {
+                // Each run of 512 pages stays in one frame.
+                for chunk in v.chunks(512) {
+                    assert!(chunk.iter().all(|&p| p / 512 == chunk[0] / 512));
+                }
+            }
+            v.sort_unstable();
+            assert_eq!(v, (0..3 * 512).collect::<Vec<_>>());
+        }
+    }
+
+    #[test]
+    fn thread_cpu_time_reads() {
+        // The kernel accounts a running thread's time at ticks and switches: spin, then yield.
+        let until = Instant::now() + Duration::from_millis(30);
+        while Instant::now() < until {
+            std::hint::spin_loop();
+        }
+        std::thread::sleep(Duration::from_millis(1));
+        assert!(self_cpu_ns().unwrap() > 0);
+    }
+}
