@@ -18,7 +18,10 @@
 //! order): worker threads warm each page in the engine at prefetch priority (demand transfers go
 //! first in the fetch pool; a frame wanted by both is fetched once), then *prefault* it with
 //! [`thaw_uffd::Prefaulter`]: installed only if the guest has not touched it yet, claimed in the
-//! handler's page state before the copy, so each page is written into the guest once.
+//! handler's page state before the copy, so each page is written into the guest once. Ahead of
+//! them, the plan's distinct 2 MiB regions are warmed in plan order, as many at once as there
+//! are workers: pages of one frame are recorded together, so page-by-page workers alone would
+//! all wait on the same frame and fetch frames one at a time.
 
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixListener;
@@ -216,7 +219,24 @@ struct Prefetcher {
     cancel: Arc<AtomicBool>,
     target: Arc<(Mutex<Target>, Condvar)>,
     threads: Vec<JoinHandle<()>>,
+    /// Warms the plan's distinct 2 MiB regions ahead of the page workers, `workers` regions at
+    /// once: pages of one frame are recorded together, so page-by-page workers would all wait
+    /// on the same frame and fetch frames one at a time.
+    ahead: Option<crate::engine::PrefetchHandle>,
 }
+
+/// The plan's 2 MiB regions (indices), in first-touch order, each once.
+fn plan_regions(pages: &[u64]) -> Vec<u64> {
+    let mut seen = std::collections::HashSet::new();
+    pages
+        .iter()
+        .map(|&p| p / REGION)
+        .filter(|r| seen.insert(*r))
+        .collect()
+}
+
+/// The read-ahead granularity of the prefetch plan: one frame at the default frame size.
+const REGION: u64 = 2 << 20;
 
 impl Prefetcher {
     /// Starts warming `pages` (file offsets, in order) at once; prefaults wait for
@@ -227,6 +247,12 @@ impl Prefetcher {
         let cancel = Arc::new(AtomicBool::new(false));
         let target = Arc::new((Mutex::new(Target::Waiting), Condvar::new()));
         let next = Arc::new(AtomicU64::new(0));
+        let ahead = Some(crate::engine::prefetch_offsets(
+            Arc::clone(file),
+            plan_regions(&pages),
+            REGION,
+            workers.max(1),
+        ));
         let pages = Arc::new(pages);
         let threads = (0..workers.max(1))
             .filter_map(|_| {
@@ -251,6 +277,7 @@ impl Prefetcher {
             cancel,
             target,
             threads,
+            ahead,
         }
     }
 
@@ -262,6 +289,9 @@ impl Prefetcher {
 
     fn cancel(&self) {
         self.cancel.store(true, Ordering::Relaxed);
+        if let Some(a) = &self.ahead {
+            a.cancel();
+        }
         self.set_target(Target::Cancelled);
     }
 
@@ -272,6 +302,10 @@ impl Prefetcher {
     fn join(mut self) -> PrefetchReport {
         for t in std::mem::take(&mut self.threads) {
             let _ = t.join();
+        }
+        if let Some(a) = self.ahead.take() {
+            a.cancel();
+            let _ = a.join();
         }
         self.counters.report()
     }
