@@ -30,7 +30,7 @@ use thaw_server::chain::{ChainManifest, ChainSpec, generate};
 use thaw_server::engine::{Engine, EngineConfig};
 use thaw_server::store::sim::{FaultMode, SimConfig};
 use thaw_server::store::{FileStore, SimStore, Store};
-use thaw_server::uffd::{UffdOptions, UffdServer, serve_uffd};
+use thaw_server::uffd::{UffdOptions, UffdServer, serve_file, serve_uffd};
 use thaw_server::writer::{WriteOptions, store_build_file};
 use thaw_uffd::{ErrorKind, Exit, HandlerConfig, PageState, ioctl};
 
@@ -876,8 +876,12 @@ fn a_store_failing_past_the_budget_kills_the_peer_and_names_the_page() {
         },
         ..UffdOptions::default()
     };
-    let server = serve_uffd(&engine, top.build_id, &listener, &options).unwrap();
+    // Open the file (headers) first, then fail the store before the handshake: set after it,
+    // the child's first fault can win the race and be served (seen on a loaded machine).
+    let file = Arc::new(engine.open(top.build_id, FileKind::Memfile).unwrap());
+    file.open_all().unwrap();
     sim.set_fault_mode(FaultMode::FailAll);
+    let server = serve_file(&engine, file, None, &listener, &options).unwrap();
     let r = server.join();
     let status = wait_child(pid);
     assert!(killed_by_sigkill(status), "status {status:#x}");
@@ -1316,15 +1320,17 @@ fn a_fault_storm_from_32_threads_installs_each_page_once() {
                 Arc::clone(&barrier),
             );
             std::thread::spawn(move || {
-                // This thread's slice overlaps the next thread's by half (every page is in two
-                // slices), plus the hot pages (every 128th) every thread touches.
-                let mut mine: Vec<usize> = (0..slice)
-                    .map(|i| (t * slice / 2 + i) % pages)
-                    .chain((0..pages).step_by(128))
-                    .collect();
-                mine.shuffle(&mut SmallRng::seed_from_u64(t as u64));
+                // First the hot pages (every 128th), which every thread touches, each thread in
+                // its own order; then this thread's slice, which overlaps the next thread's by
+                // half (every page is in two slices).
+                let mut rng = SmallRng::seed_from_u64(t as u64);
+                let mut hot: Vec<usize> = (0..pages).step_by(128).collect();
+                hot.shuffle(&mut rng);
+                let mut mine: Vec<usize> =
+                    (0..slice).map(|i| (t * slice / 2 + i) % pages).collect();
+                mine.shuffle(&mut rng);
                 barrier.wait();
-                for page in mine {
+                for page in hot.into_iter().chain(mine) {
                     let off = page * 4096;
                     assert!(
                         mem.slice(off, 4096) == &expected[off..off + 4096],
