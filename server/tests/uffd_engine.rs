@@ -30,7 +30,7 @@ use thaw_server::chain::{ChainManifest, ChainSpec, generate};
 use thaw_server::engine::{Engine, EngineConfig};
 use thaw_server::store::sim::{FaultMode, SimConfig};
 use thaw_server::store::{FileStore, SimStore, Store};
-use thaw_server::uffd::{UffdOptions, UffdServer, serve_uffd};
+use thaw_server::uffd::{UffdOptions, UffdServer, serve_file, serve_uffd};
 use thaw_server::writer::{WriteOptions, store_build_file};
 use thaw_uffd::{ErrorKind, Exit, HandlerConfig, PageState, ioctl};
 
@@ -169,15 +169,39 @@ struct ChildPlan<'a> {
     order: &'a [usize],
     /// The memfile: every touched page must equal it.
     expected: &'a [u8],
-    /// Report word (MAP_SHARED): the first bad offset + 1, written before exiting 1.
+    /// Report word (MAP_SHARED): the first bad offset + 1, written before exiting 1 or 2.
     report: &'a Mem,
+    /// Variations: hugetlb memory, write-protect registration, a dropped range.
+    extra: Extra,
+}
+
+/// What a [`ChildPlan`] does beyond the plain MISSING registration of anonymous memory.
+#[derive(Debug, Clone, Copy, Default)]
+struct Extra {
+    /// Replace the memory with `MAP_HUGETLB` 2 MiB pages (`MAP_FIXED` at the same address, in
+    /// the child, so the child owns the hugetlb reservation) and register it with
+    /// `UFFD_FEATURE_MISSING_HUGETLBFS`.
+    hugetlb: bool,
+    /// Register MISSING+WP; after the pass, write every page with `page % 4 == 3` (it was read
+    /// first, so the write is a write-protect fault), again with its expected first byte.
+    wp: bool,
+    /// After touching (and re-checking) everything, `MADV_DONTNEED` pages `start..end` and check
+    /// they read back as zeros (exit 2 with the offset otherwise). Empty: nothing dropped.
+    drop: (usize, usize),
+}
+
+impl Extra {
+    fn dropped(&self) -> usize {
+        self.drop.1.saturating_sub(self.drop.0)
+    }
 }
 
 /// Forks a child that plays Firecracker: creates a userfaultfd, registers `mem` (MISSING),
 /// connects to the socket (retrying while it does not exist yet), sends the region JSON and the
 /// uffd, touches `order` (every 4th page by a write of its expected first byte, so write faults
 /// are covered without changing the image) and compares each page with `expected`. Exit codes:
-/// 0 all equal, 1 a mismatch (offset in the report), 10+ setup failures. Returns the pid.
+/// 0 all equal, 1 a mismatch (offset in the report), 2 a dropped page not zero (offset in the
+/// report), 10+ setup failures (16: no hugetlb pages, 17: madvise failed). Returns the pid.
 fn fork_firecracker(plan: &ChildPlan<'_>) -> i32 {
     // Everything the child needs is prepared before fork: it only makes raw syscalls.
     // SAFETY: sockaddr_un is plain data; zero is valid.
@@ -201,6 +225,28 @@ fn fork_firecracker(plan: &ChildPlan<'_>) -> i32 {
 }
 
 fn child_main(plan: &ChildPlan<'_>, addr: &libc::sockaddr_un, json: &[u8]) -> i32 {
+    let extra = plan.extra;
+    if extra.hugetlb {
+        // SAFETY: replaces this process's copy of the test mapping (same range) with hugetlb
+        // memory; nothing else in the child uses that range.
+        let map = unsafe {
+            libc::mmap(
+                plan.mem.base.cast(),
+                plan.mem.len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE
+                    | libc::MAP_ANONYMOUS
+                    | libc::MAP_FIXED
+                    | libc::MAP_HUGETLB
+                    | (21 << libc::MAP_HUGE_SHIFT),
+                -1,
+                0,
+            )
+        };
+        if map != plan.mem.base.cast() {
+            return 16;
+        }
+    }
     // SAFETY: userfaultfd(2); returns a new fd or -1.
     let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
     if fd < 0 {
@@ -209,11 +255,20 @@ fn child_main(plan: &ChildPlan<'_>, addr: &libc::sockaddr_un, json: &[u8]) -> i3
     let fd = fd as RawFd;
     // SAFETY: `fd` is the userfaultfd just created, owned by this process until it exits.
     let ufd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-    if ioctl::api(ufd, ioctl::FEATURE_EVENT_REMOVE).is_err() {
+    let mut features = ioctl::FEATURE_EVENT_REMOVE;
+    let mut mode = ioctl::REGISTER_MODE_MISSING;
+    if extra.hugetlb {
+        features |= ioctl::FEATURE_MISSING_HUGETLBFS;
+    }
+    if extra.wp {
+        features |= ioctl::FEATURE_PAGEFAULT_FLAG_WP;
+        mode |= ioctl::REGISTER_MODE_WP;
+    }
+    if ioctl::api(ufd, features).is_err() {
         return 11;
     }
     let len = plan.mem.len as u64;
-    if ioctl::register(ufd, plan.mem.addr(), len, ioctl::REGISTER_MODE_MISSING).is_err() {
+    if ioctl::register(ufd, plan.mem.addr(), len, mode).is_err() {
         return 12;
     }
     // SAFETY: socket(2).
@@ -244,22 +299,66 @@ fn child_main(plan: &ChildPlan<'_>, addr: &libc::sockaddr_un, json: &[u8]) -> i3
         return 15;
     }
     let ps = plan.page_size as usize;
-    for &page in plan.order {
+    let check = |page: usize| -> bool {
         let off = page * ps;
         let want = &plan.expected[off..off + ps];
-        if page % 4 == 1 {
-            plan.mem.write_byte(off, want[0]);
+        if plan.mem.slice(off, ps) == want {
+            return true;
         }
-        if plan.mem.slice(off, ps) != want {
-            let bad = plan
-                .mem
-                .slice(off, ps)
-                .iter()
-                .zip(want)
-                .position(|(a, b)| a != b)
-                .unwrap_or(0);
-            plan.report.write_u64(0, (off + bad) as u64 + 1);
+        let bad = plan
+            .mem
+            .slice(off, ps)
+            .iter()
+            .zip(want)
+            .position(|(a, b)| a != b)
+            .unwrap_or(0);
+        plan.report.write_u64(0, (off + bad) as u64 + 1);
+        false
+    };
+    for &page in plan.order {
+        let off = page * ps;
+        if page % 4 == 1 {
+            plan.mem.write_byte(off, plan.expected[off]);
+        }
+        if !check(page) {
             return 1;
+        }
+    }
+    if extra.wp {
+        for &page in plan.order {
+            if page % 4 == 3 {
+                let off = page * ps;
+                plan.mem.write_byte(off, plan.expected[off]);
+            }
+        }
+    }
+    if extra.wp || extra.dropped() > 0 {
+        // Everything again: the writes kept the image, nothing was lost.
+        for &page in plan.order {
+            if !check(page) {
+                return 1;
+            }
+        }
+    }
+    if extra.dropped() > 0 {
+        let (start, end) = extra.drop;
+        // SAFETY: a range inside this process's registered mapping.
+        let rc = unsafe {
+            libc::madvise(
+                plan.mem.base.wrapping_add(start * ps).cast(),
+                (end - start) * ps,
+                libc::MADV_DONTNEED,
+            )
+        };
+        if rc != 0 {
+            return 17;
+        }
+        for page in start..end {
+            let off = page * ps;
+            if let Some(bad) = plan.mem.slice(off, ps).iter().position(|&b| b != 0) {
+                plan.report.write_u64(0, (off + bad) as u64 + 1);
+                return 2;
+            }
         }
     }
     // Firecracker never closes the socket while alive: exiting is the hang-up.
@@ -340,6 +439,40 @@ fn serve_forked(
     dir: &Path,
     seed: u64,
 ) -> thaw_server::uffd::UffdReport {
+    serve_forked_with(
+        engine,
+        build,
+        expected,
+        page_size,
+        dir,
+        seed,
+        Extra::default(),
+    )
+    .report
+}
+
+/// What [`serve_forked_with`] saw in the handler once the child was gone.
+struct Served {
+    report: thaw_server::uffd::UffdReport,
+    /// `dirty_pages()` (file offsets).
+    dirty: Vec<u64>,
+    /// `zero_or_removed_pages()` (file offsets).
+    zero_or_removed: Vec<u64>,
+    /// `write_protect_tracking()`.
+    wp: Option<bool>,
+}
+
+/// [`serve_forked`] with the child's [`Extra`] steps; the install counts include the dropped
+/// pages' second (zero) installs.
+fn serve_forked_with(
+    engine: &Engine,
+    build: thaw_codec::BuildId,
+    expected: &[u8],
+    page_size: u64,
+    dir: &Path,
+    seed: u64,
+    extra: Extra,
+) -> Served {
     let mem = Mem::new(expected.len(), page_size as usize, false);
     let report = Mem::new(4096, 4096, true);
     let mut order: Vec<usize> = (0..expected.len() / page_size as usize).collect();
@@ -354,6 +487,7 @@ fn serve_forked(
         order: &order,
         expected,
         report: &report,
+        extra,
     });
     let options = UffdOptions {
         handshake_timeout: Duration::from_secs(20),
@@ -362,10 +496,19 @@ fn serve_forked(
     let server = serve_uffd(engine, build, &listener, &options).unwrap();
     assert_eq!(server.peer().pid, pid);
     let status = wait_child(pid);
+    // The child is gone: every fault it raised was answered, and page states are set before
+    // the ioctl that woke it.
+    let handler = server.handler();
+    let (dirty, zero_or_removed, wp) = (
+        handler.dirty_pages(),
+        handler.zero_or_removed_pages(),
+        handler.write_protect_tracking(),
+    );
     let r = server.join();
     assert!(
         exited_ok(status),
-        "child status {status:#x}, first bad byte at {:?}; {}",
+        "child status {status:#x} (exit 1: mismatch, 2: dropped page not zero, 16: no hugetlb \
+         page), first bad byte at {:?}; {}",
         report.read_u64(0).checked_sub(1),
         r.summary()
     );
@@ -376,11 +519,78 @@ fn serve_forked(
         r.summary()
     );
     let pages = order.len() as u64;
+    let dropped = extra.dropped() as u64;
     let m = &r.metrics;
-    assert_eq!(m.faults_missing, pages, "{}", r.summary());
-    assert_eq!(m.copies + m.zero_installs, pages, "{}", r.summary());
+    assert_eq!(m.faults_missing, pages + dropped, "{}", r.summary());
+    assert_eq!(
+        m.copies + m.zero_installs,
+        pages + dropped,
+        "{}",
+        r.summary()
+    );
     assert_eq!(m.fetch_failures, 0);
-    r
+    Served {
+        report: r,
+        dirty,
+        zero_or_removed,
+        wp,
+    }
+}
+
+/// Raises `vm.nr_hugepages` (root) so `n` free 2 MiB hugetlb pages exist, and puts the old value
+/// back when dropped. Panics, saying why, when the kernel cannot provide them: the test is about
+/// hugetlb memory and must not quietly fall back to something else.
+struct HugePages {
+    restore: Option<u64>,
+}
+
+fn meminfo(key: &str) -> u64 {
+    fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with(key))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+impl HugePages {
+    fn reserve(n: u64) -> Self {
+        if meminfo("HugePages_Free:") >= n {
+            return Self { restore: None };
+        }
+        let total = meminfo("HugePages_Total:");
+        let wrote = fs::write("/proc/sys/vm/nr_hugepages", (total + n).to_string());
+        let this = Self {
+            restore: wrote.is_ok().then_some(total),
+        };
+        let free = meminfo("HugePages_Free:");
+        assert!(
+            free >= n,
+            "this test needs {n} free 2 MiB hugetlb pages: writing {} to /proc/sys/vm/nr_hugepages \
+             gave {free} free ({wrote:?}); run as root on a kernel with hugetlb and enough free \
+             memory",
+            total + n
+        );
+        this
+    }
+}
+
+impl Drop for HugePages {
+    fn drop(&mut self) {
+        if let Some(total) = self.restore {
+            let _ = fs::write("/proc/sys/vm/nr_hugepages", total.to_string());
+        }
+    }
+}
+
+/// File offsets of the pages `f` selects, in order.
+fn offsets(pages: usize, page_size: u64, f: impl Fn(usize) -> bool) -> Vec<u64> {
+    (0..pages)
+        .filter(|&p| f(p))
+        .map(|p| p as u64 * page_size)
+        .collect()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -655,6 +865,7 @@ fn a_store_failing_past_the_budget_kills_the_peer_and_names_the_page() {
         order: &order,
         expected: &expected,
         report: &report,
+        extra: Extra::default(),
     });
     let options = UffdOptions {
         handshake_timeout: Duration::from_secs(20),
@@ -665,8 +876,12 @@ fn a_store_failing_past_the_budget_kills_the_peer_and_names_the_page() {
         },
         ..UffdOptions::default()
     };
-    let server = serve_uffd(&engine, top.build_id, &listener, &options).unwrap();
+    // Open the file (headers) first, then fail the store before the handshake: set after it,
+    // the child's first fault can win the race and be served (seen on a loaded machine).
+    let file = Arc::new(engine.open(top.build_id, FileKind::Memfile).unwrap());
+    file.open_all().unwrap();
     sim.set_fault_mode(FaultMode::FailAll);
+    let server = serve_file(&engine, file, None, &listener, &options).unwrap();
     let r = server.join();
     let status = wait_child(pid);
     assert!(killed_by_sigkill(status), "status {status:#x}");
@@ -878,6 +1093,7 @@ fn the_thaw_uffd_command_serves_a_forked_firecracker_and_fails_closed() {
         order: &order,
         expected: &expected,
         report: &report,
+        extra: Extra::default(),
     });
     let status = wait_child(pid);
     let out = cmd.wait_with_output().unwrap();
@@ -923,6 +1139,7 @@ fn the_thaw_uffd_command_serves_a_forked_firecracker_and_fails_closed() {
         order: &order,
         expected: &expected,
         report: &report,
+        extra: Extra::default(),
     });
     let status = wait_child(pid);
     let out = cmd.wait_with_output().unwrap();
@@ -935,4 +1152,238 @@ fn the_thaw_uffd_command_serves_a_forked_firecracker_and_fails_closed() {
     );
     assert!(stderr.contains("was killed"), "{stderr}");
     assert!(stderr.contains(&top.build_id.to_string()), "{stderr}");
+}
+
+/// Guest memory in hugetlb 2 MiB pages, as a hugepage Firecracker guest has: every page equals
+/// the flattened memfile, written pages are Dirty, and a range dropped with `MADV_DONTNEED`
+/// (a REMOVE event) reads back as zeros, installed without fetching the snapshot data again.
+#[test]
+fn hugetlb_guest_memory_is_served_and_a_dropped_range_reads_zeros() {
+    let huge = HugePages::reserve(8 + 1);
+    for (codec, seed) in [(CompressionType::Zstd, 71), (CompressionType::None, 72)] {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = ChainSpec {
+            size: 16 * 1024 * 1024,
+            ..spec(codec, HUGEPAGE_SIZE, seed)
+        };
+        let (store, manifest) = chain(dir.path(), &spec);
+        let top = manifest.top().unwrap();
+        let expected = fs::read(&top.files["memfile"].flat).unwrap();
+        let pages = expected.len() / HUGEPAGE_SIZE as usize;
+        assert_eq!(pages, 8);
+        let drop = (3, 6);
+        let ps = HUGEPAGE_SIZE as usize;
+        assert!(
+            expected[drop.0 * ps..drop.1 * ps].iter().any(|&b| b != 0),
+            "the dropped range must hold data for zeros to mean anything"
+        );
+        let engine = Engine::new(sim_over(Arc::clone(&store), 3), engine_config()).unwrap();
+        let s = serve_forked_with(
+            &engine,
+            top.build_id,
+            &expected,
+            HUGEPAGE_SIZE,
+            dir.path(),
+            seed,
+            Extra {
+                hugetlb: true,
+                drop,
+                ..Extra::default()
+            },
+        );
+        let r = &s.report;
+        let m = &r.metrics;
+        assert_eq!(m.remove_events, 1, "{codec:?}: {}", r.summary());
+        assert_eq!(m.removed_pages, 3, "{}", r.summary());
+        // Each dropped page came back as zeros (not the cached data the engine still holds).
+        let dropped = offsets(pages, HUGEPAGE_SIZE, |p| (drop.0..drop.1).contains(&p));
+        for off in &dropped {
+            assert!(
+                s.zero_or_removed.contains(off),
+                "{off:#x}: {:?}",
+                s.zero_or_removed
+            );
+        }
+        // Written (page % 4 == 1) and not dropped since.
+        let want = offsets(pages, HUGEPAGE_SIZE, |p| {
+            p % 4 == 1 && !(drop.0..drop.1).contains(&p)
+        });
+        assert_eq!(s.dirty, want, "{}", r.summary());
+        assert!(r.engine.store_requests > 0, "{}", r.summary());
+    }
+    drop(huge);
+}
+
+/// MISSING+WP registration (sync write-protect, as e2b's dirty tracking wants): read faults
+/// install write-protected pages, the first write to a page read earlier is a write-protect
+/// fault, and every written page ends up Dirty; every byte still equals the flattened memfile,
+/// and a dropped range reads back as zeros and is no longer dirty.
+#[test]
+fn write_protect_registration_serves_every_page_and_tracks_dirty_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, manifest) = chain(dir.path(), &spec(CompressionType::Zstd, PAGE_SIZE, 81));
+    let top = manifest.top().unwrap();
+    let expected = fs::read(&top.files["memfile"].flat).unwrap();
+    let pages = expected.len() / 4096;
+    let drop = (100, 140);
+    assert!(
+        expected[drop.0 * 4096..drop.1 * 4096]
+            .iter()
+            .any(|&b| b != 0)
+    );
+    let engine = Engine::new(sim_over(Arc::clone(&store), 3), engine_config()).unwrap();
+    let s = serve_forked_with(
+        &engine,
+        top.build_id,
+        &expected,
+        PAGE_SIZE,
+        dir.path(),
+        81,
+        Extra {
+            wp: true,
+            drop,
+            ..Extra::default()
+        },
+    );
+    let r = &s.report;
+    let m = &r.metrics;
+    assert_eq!(s.wp, Some(true), "{}", r.summary());
+    // Pages % 4 == 1 were written at their first touch (write faults, installed writable);
+    // pages % 4 == 3 were read first, so their write is a write-protect fault.
+    let written = |p: usize| p % 4 == 1 || p % 4 == 3;
+    assert_eq!(
+        m.faults_wp,
+        (0..pages).filter(|p| p % 4 == 3).count() as u64,
+        "{}",
+        r.summary()
+    );
+    assert_eq!(
+        m.faults_write,
+        (0..pages).filter(|p| p % 4 == 1).count() as u64,
+        "{}",
+        r.summary()
+    );
+    let in_drop = |p: usize| (drop.0..drop.1).contains(&p);
+    assert_eq!(
+        s.dirty,
+        offsets(pages, PAGE_SIZE, |p| written(p) && !in_drop(p)),
+        "{}",
+        r.summary()
+    );
+    assert_eq!(m.remove_events, 1, "{}", r.summary());
+    assert_eq!(m.removed_pages, (drop.1 - drop.0) as u64);
+    for off in offsets(pages, PAGE_SIZE, in_drop) {
+        assert!(s.zero_or_removed.contains(&off), "{off:#x}");
+    }
+}
+
+/// FNV-1a over `bytes`.
+fn checksum(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// U9, the fault storm: a 64 MiB memfile of 4 KiB pages (16,384 pages) faulted by 32 threads
+/// at once, every page wanted by two threads' slices and a hot set wanted by all of them, over a
+/// store with a TTFB: each page is installed exactly once and every byte checksums against the
+/// image.
+#[test]
+fn a_fault_storm_from_32_threads_installs_each_page_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = ChainSpec {
+        size: 64 * 1024 * 1024,
+        ..spec(CompressionType::Zstd, PAGE_SIZE, 91)
+    };
+    let (store, manifest) = chain(dir.path(), &spec);
+    let top = manifest.top().unwrap();
+    let expected = Arc::new(fs::read(&top.files["memfile"].flat).unwrap());
+    let pages = expected.len() / 4096;
+    assert_eq!(pages, 16_384);
+    let engine = Engine::new(sim_over(Arc::clone(&store), 2), engine_config()).unwrap();
+    let vm = in_process_vm(
+        &engine,
+        top.build_id,
+        expected.len(),
+        PAGE_SIZE,
+        dir.path(),
+        false,
+    );
+    let threads = 32;
+    let slice = 2 * pages / threads;
+    let barrier = Arc::new(Barrier::new(threads));
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            let (mem, expected, barrier) = (
+                Arc::clone(&vm.mem),
+                Arc::clone(&expected),
+                Arc::clone(&barrier),
+            );
+            std::thread::spawn(move || {
+                // First the hot pages (every 128th), which every thread touches, each thread in
+                // its own order; then this thread's slice, which overlaps the next thread's by
+                // half (every page is in two slices).
+                let mut rng = SmallRng::seed_from_u64(t as u64);
+                let mut hot: Vec<usize> = (0..pages).step_by(128).collect();
+                hot.shuffle(&mut rng);
+                let mut mine: Vec<usize> =
+                    (0..slice).map(|i| (t * slice / 2 + i) % pages).collect();
+                mine.shuffle(&mut rng);
+                barrier.wait();
+                for page in hot.into_iter().chain(mine) {
+                    let off = page * 4096;
+                    assert!(
+                        mem.slice(off, 4096) == &expected[off..off + 4096],
+                        "thread {t}: page {page}"
+                    );
+                }
+            })
+        })
+        .collect();
+    wait_for("the faulting threads", || {
+        handles.iter().all(std::thread::JoinHandle::is_finished)
+    });
+    for h in handles {
+        h.join().unwrap();
+    }
+    let installs = || {
+        let m = vm.server.handler().metrics();
+        m.copies + m.zero_installs
+    };
+    // Counters are bumped just after the ioctl that woke the faulting thread: let them settle.
+    wait_for("the install counters", || installs() >= pages as u64);
+    let m = vm.server.handler().metrics();
+    assert_eq!(installs(), pages as u64, "each page installed once: {m:?}");
+    assert!(m.faults_missing >= 10_000, "{m:?}");
+    assert!(m.faults_missing >= pages as u64, "{m:?}");
+    assert_eq!(m.fetch_failures, 0, "{m:?}");
+    for p in 0..pages {
+        let state = vm.server.handler().page_state(p as u64 * 4096);
+        assert!(
+            matches!(state, Some(PageState::Clean | PageState::Zero)),
+            "page {p}: {state:?}"
+        );
+    }
+    // Every byte, checksummed per page and whole.
+    let all = vm.mem.slice(0, expected.len());
+    for p in 0..pages {
+        let r = p * 4096..(p + 1) * 4096;
+        assert_eq!(
+            checksum(&all[r.clone()]),
+            checksum(&expected[r]),
+            "page {p}"
+        );
+    }
+    assert_eq!(checksum(all), checksum(&expected));
+    assert!(all == expected.as_slice());
+    eprintln!("fault storm: {m:?}");
+    vm.server.stop();
+    let r = vm.server.join();
+    assert_eq!(
+        r.result.as_ref().ok(),
+        Some(&Exit::Stopped),
+        "{}",
+        r.summary()
+    );
+    assert_eq!(r.metrics.copies + r.metrics.zero_installs, pages as u64);
 }
