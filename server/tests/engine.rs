@@ -514,6 +514,9 @@ fn transient_failures_are_retried_within_the_budget() {
                 shared_cache: Some(shared_dir.clone()),
                 retries: 3,
                 retry_base: Duration::from_millis(2),
+                // One transfer per chunk: with several, a transfer that reaches another's
+                // blocks before its injected cut ends cleanly and the fault never shows.
+                max_runs_per_chunk: 1,
                 ..config()
             },
         )
