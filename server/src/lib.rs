@@ -18,6 +18,7 @@ pub mod cli;
 pub mod engine;
 pub mod flatten;
 pub mod layout;
+pub mod nbd;
 pub mod runtime;
 pub mod store;
 pub mod uring;

@@ -12,6 +12,7 @@ pub mod compress;
 pub mod engine_args;
 pub mod inspect;
 pub mod read;
+pub mod serve;
 
 /// thaw serves VM snapshot images (e2b's layered build format) lazily.
 #[derive(Debug, Parser)]
@@ -39,6 +40,9 @@ pub enum Command {
     /// Read a build file (or a range) through the engine and its cache tiers.
     #[command(long_about = read::LONG_ABOUT)]
     Read(read::ReadArgs),
+    /// Serve build files over NBD (unix sockets, TCP) with a copy-on-write overlay.
+    #[command(long_about = serve::LONG_ABOUT, after_help = serve::AFTER_HELP)]
+    Serve(serve::ServeArgs),
 }
 
 /// Runs a parsed command line.
@@ -47,6 +51,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Compress(args) => compress::run(&args),
         Command::Inspect(args) => inspect::run(&args),
         Command::Read(args) => read::run(&args),
+        Command::Serve(args) => serve::run(&args),
     }
 }
 
