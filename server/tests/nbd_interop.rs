@@ -629,3 +629,55 @@ fn sigterm_drains_and_refuses_new_options() {
     assert!(st.success(), "{st}");
     assert!(!s.sock.exists(), "socket file left behind");
 }
+
+#[test]
+fn thaw_demo_builds_and_serves_the_layered_ext4_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_thaw"))
+        .args(["demo", "--dir"])
+        .arg(dir.path())
+        .args(["--size", "16MiB"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    let mut tcp = String::new();
+    for line in BufReader::new(out).lines() {
+        let line = line.unwrap();
+        if let Some(i) = line.find("nbd://") {
+            tcp = line[i..].to_string();
+        }
+        if line == "ready" {
+            break;
+        }
+    }
+    assert!(tcp.ends_with("/demo") || tcp.ends_with("/base"), "{tcp}");
+    let uri = format!(
+        "nbd+unix:///demo?socket={}",
+        dir.path().join("nbd.sock").display()
+    );
+    let got = nbdcopy_to_vec(&uri, dir.path(), &[]);
+    let want = std::fs::read(dir.path().join("top.ext4")).unwrap();
+    assert!(got == want, "demo export differs from top.ext4");
+    let base = std::fs::read(dir.path().join("base.ext4")).unwrap();
+    assert!(got != base, "the diff layer changed nothing");
+    let st = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("thaw demo did not exit on SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
+}

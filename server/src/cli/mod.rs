@@ -9,6 +9,7 @@ use thaw_codec::{CompressionType, FileKind};
 use crate::store::Store;
 
 pub mod compress;
+pub mod demo;
 pub mod engine_args;
 pub mod inspect;
 pub mod read;
@@ -40,6 +41,9 @@ pub enum Command {
     /// Read a build file (or a range) through the engine and its cache tiers.
     #[command(long_about = read::LONG_ABOUT)]
     Read(read::ReadArgs),
+    /// Build a small layered, compressed ext4 image and serve it over NBD (the quick start).
+    #[command(long_about = demo::LONG_ABOUT)]
+    Demo(demo::DemoArgs),
     /// Serve build files over NBD (unix sockets, TCP) with a copy-on-write overlay.
     #[command(long_about = serve::LONG_ABOUT, after_help = serve::AFTER_HELP)]
     Serve(serve::ServeArgs),
@@ -52,6 +56,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Inspect(args) => inspect::run(&args),
         Command::Read(args) => read::run(&args),
         Command::Serve(args) => serve::run(&args),
+        Command::Demo(args) => demo::run(&args),
     }
 }
 

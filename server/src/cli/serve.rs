@@ -202,22 +202,6 @@ pub fn print_uris(server: &Server) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Blocks until SIGTERM or SIGINT.
-///
-/// # Errors
-/// The signal handlers cannot be installed.
-pub fn wait_for_signal() -> anyhow::Result<i32> {
-    let mut signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGTERM,
-        signal_hook::consts::SIGINT,
-    ])
-    .context("installing signal handlers")?;
-    Ok(signals
-        .forever()
-        .next()
-        .unwrap_or(signal_hook::consts::SIGTERM))
-}
-
 /// Runs `thaw serve`.
 pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     let specs: Vec<ExportSpec> = match args.build {
