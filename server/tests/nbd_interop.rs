@@ -681,3 +681,28 @@ fn thaw_demo_builds_and_serves_the_layered_ext4_image() {
     };
     assert!(status.success(), "{status}");
 }
+
+#[test]
+fn libnbd_structured_replies_block_status_and_writes() {
+    // server/tests/nbd/libnbd_checks.py: OFFSET_HOLE chunks for nil mappings tiling each read,
+    // DF = one chunk, BLOCK_STATUS tiling + REQ_ONE, CACHE, FAST_ZERO, FUA, trim, flush, and
+    // server-side EINVAL/ENOSPC with libnbd's strict mode off.
+    let s = Serve::start(&[]);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/nbd/libnbd_checks.py");
+    let top = fixture().manifest.layers.len() - 1;
+    let truth = &fixture().manifest.layers[top].files["rootfs.ext4"].flat;
+    for uri in [s.unix_uri(&format!("l{top}")), s.tcp_uri("l0")] {
+        let flat_path = if uri.contains("/l0") {
+            fixture().manifest.layers[0].files["rootfs.ext4"]
+                .flat
+                .clone()
+        } else {
+            truth.clone()
+        };
+        let out = run(
+            "/usr/bin/python3",
+            &[script, &uri, &flat_path.display().to_string()],
+        );
+        assert_eq!(out.trim(), "OK", "{out}");
+    }
+}
