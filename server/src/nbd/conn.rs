@@ -2,6 +2,7 @@
 //! transmission phase with many requests in flight, each a local task on the connection's
 //! worker, answered out of order; replies are serialised on the socket by a write lock.
 
+use std::cell::{Cell, RefCell};
 use std::io;
 use std::pin::pin;
 use std::rc::Rc;
@@ -19,7 +20,7 @@ use thaw_codec::nbd::reply::{
 use thaw_codec::nbd::{
     Command, Errno, Extent, Invalid, Negotiated, Progress, Request, ServerHandshake,
 };
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{Notify, Semaphore, watch};
 use tokio::time::Instant;
 
 use super::io::{OutBuf, Reader, Stream};
@@ -62,19 +63,53 @@ pub(crate) async fn serve(stream: Stream, shared: Arc<Shared>, id: u64) {
         stream,
         neg,
         export,
-        write_lock: tokio::sync::Mutex::new(()),
         shared: Arc::clone(&shared),
         id,
+        queue: RefCell::new(Vec::new()),
+        held: RefCell::new(Vec::new()),
+        wake: Notify::new(),
+        closed: Cell::new(false),
+        broken: Cell::new(false),
     });
+    let writer = tokio_uring::spawn(writer(Rc::clone(&conn)));
     let total = u32::try_from((shared.max_inflight_bytes / PERMIT_BYTES).clamp(1, 1 << 24))
         .unwrap_or(1 << 24);
     let sem = Rc::new(Semaphore::new(total as usize));
     if let Err(e) = request_loop(&conn, &mut reader, &mut shutdown, &sem, total).await {
         log_io(id, "transmission", &e);
     }
-    // DISC, a violation, end of stream or shutdown: finish what is in flight, then close.
+    // DISC, a violation, end of stream or shutdown: finish what is in flight (permits come
+    // back once their replies are written), let the writer empty its queue, then close.
     let _all = sem.acquire_many(total).await;
+    conn.closed.set(true);
+    conn.wake.notify_one();
+    let _ = writer.await;
     conn.stream.shutdown();
+}
+
+/// The connection's writer: sends whatever replies are queued, one `writev` per batch.
+async fn writer(conn: Rc<Conn>) {
+    loop {
+        let batch = std::mem::take(&mut *conn.queue.borrow_mut());
+        let permits = std::mem::take(&mut *conn.held.borrow_mut());
+        if batch.is_empty() {
+            drop(permits);
+            if conn.closed.get() {
+                return;
+            }
+            conn.wake.notified().await;
+            continue;
+        }
+        if !conn.broken.get()
+            && let Err(e) = conn.stream.write_all(batch).await
+        {
+            log_io(conn.id, "reply", &e);
+            conn.broken.set(true);
+            // Make the request loop see the end of the connection.
+            conn.stream.shutdown();
+        }
+        drop(permits);
+    }
 }
 
 fn log_io(id: u64, phase: &str, e: &io::Error) {
@@ -160,25 +195,38 @@ async fn handshake(
     }
 }
 
-/// State shared by a connection's request tasks.
+/// State shared by a connection's request tasks and its writer.
 struct Conn {
     stream: Stream,
     neg: Negotiated,
     export: Arc<Export>,
-    write_lock: tokio::sync::Mutex<()>,
     shared: Arc<Shared>,
     id: u64,
+    /// Replies waiting for the writer, whole and in completion order.
+    queue: RefCell<Vec<OutBuf>>,
+    /// In-flight permits of requests whose replies are queued: released once written.
+    held: RefCell<Vec<RcPermit>>,
+    wake: Notify,
+    closed: Cell<bool>,
+    broken: Cell<bool>,
 }
 
 impl Conn {
-    /// Writes one whole reply (under the write lock, so replies never interleave).
+    /// Queues one whole reply; the writer sends everything queued with one `writev` (replies
+    /// completed together go out together). Never interleaves replies.
     async fn send(&self, bufs: Vec<OutBuf>) {
-        let _g = self.write_lock.lock().await;
-        if let Err(e) = self.stream.write_all(bufs).await {
-            log_io(self.id, "reply", &e);
-            // Make the request loop see the end of the connection.
-            self.stream.shutdown();
+        if self.broken.get() {
+            return;
         }
+        self.queue.borrow_mut().extend(bufs);
+        self.wake.notify_one();
+    }
+
+    /// Keeps a request's permit until the replies queued so far are written (backpressure on
+    /// clients that do not read their replies).
+    fn hold(&self, permit: RcPermit) {
+        self.held.borrow_mut().push(permit);
+        self.wake.notify_one();
     }
 
     async fn send_error(&self, req: &Request, errno: Errno, msg: &str) {
@@ -267,7 +315,7 @@ async fn request_loop(
         let c = Rc::clone(conn);
         tokio_uring::spawn(async move {
             handle(&c, req, payload).await;
-            drop(permit);
+            c.hold(permit);
         });
     }
 }
