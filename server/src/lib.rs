@@ -10,6 +10,8 @@
 //! - [`chain`]: layered test chains and their flattened images;
 //! - [`runtime`]: thread-per-core workers, each a tokio-uring runtime (spawn on a core, wake
 //!   across cores); [`uring`]: io_uring reads (owned, registered and foreign-memory buffers);
+//! - [`nbd`]: the NBD server (`thaw serve`) and its copy-on-write overlay; [`metrics`]: the
+//!   Prometheus endpoint;
 //! - [`cli`]: the `thaw` subcommands.
 
 pub mod cache;
@@ -18,6 +20,7 @@ pub mod cli;
 pub mod engine;
 pub mod flatten;
 pub mod layout;
+pub mod metrics;
 pub mod nbd;
 pub mod runtime;
 pub mod store;

@@ -78,6 +78,7 @@ struct Serve {
     dir: tempfile::TempDir,
     sock: PathBuf,
     port: u16,
+    metrics: Option<String>,
 }
 
 impl Serve {
@@ -105,8 +106,12 @@ impl Serve {
         let mut child = cmd.spawn().unwrap();
         let out = child.stdout.take().unwrap();
         let mut port = 0;
+        let mut metrics = None;
         for line in BufReader::new(out).lines() {
             let line = line.unwrap();
+            if let Some(url) = line.strip_prefix("metrics http://") {
+                metrics = Some(url.trim_end_matches("/metrics").to_string());
+            }
             if let Some(rest) = line.split("nbd://127.0.0.1:").nth(1) {
                 port = rest.split('/').next().unwrap().parse().unwrap();
             }
@@ -120,6 +125,7 @@ impl Serve {
             dir,
             sock,
             port,
+            metrics,
         }
     }
 
@@ -705,4 +711,37 @@ fn libnbd_structured_replies_block_status_and_writes() {
         );
         assert_eq!(out.trim(), "OK", "{out}");
     }
+}
+
+#[test]
+fn prometheus_metrics_count_requests_errors_and_latency() {
+    let s = Serve::start(&["--read-only", "--metrics", "tcp:127.0.0.1:0"]);
+    let addr = s.metrics.clone().expect("no metrics address printed");
+    nbdcopy_to_vec(&s.unix_uri("l1"), s.dir.path(), &[]);
+    let mut c = Raw::connect(&s.sock);
+    c.go("l1");
+    c.request(NbdCmd::Write, 5, 0, 512, &[1u8; 512]);
+    assert_eq!(c.simple(0).0, NBD_EPERM);
+    c.request(NbdCmd::Disc, 0, 0, 0, &[]);
+    assert!(c.closed());
+    let mut http = std::net::TcpStream::connect(&addr).unwrap();
+    http.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut body = String::new();
+    http.read_to_string(&mut body).unwrap();
+    assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
+    let value = |prefix: &str| -> f64 {
+        body.lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{prefix} missing:\n{body}"))
+    };
+    // nbdcopy reads the whole device (plus whatever it asks besides).
+    assert!(value("thaw_nbd_requests_total{cmd=\"read\"}") >= 1.0);
+    assert!(value("thaw_nbd_read_bytes_total") >= SIZE as f64);
+    assert!(value("thaw_nbd_request_errors_total{cmd=\"write\",errno=\"eperm\"}") >= 1.0);
+    assert!(value("thaw_nbd_request_duration_seconds_count{cmd=\"read\"}") >= 1.0);
+    assert!(value("thaw_nbd_connections_total") >= 2.0);
+    assert!(body.contains("thaw_engine_store_requests_total"), "{body}");
 }

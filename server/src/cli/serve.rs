@@ -114,6 +114,11 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 0)]
     pub workers: usize,
 
+    /// Serve Prometheus metrics (GET /metrics) on tcp:HOST:PORT (port 0 = any free port,
+    /// printed at start).
+    #[arg(long, value_name = "tcp:HOST:PORT")]
+    pub metrics: Option<String>,
+
     /// READ/WRITE payload bytes in flight per connection (backpressure above it).
     #[arg(long, value_name = "SIZE", default_value = "256MiB", value_parser = parse_size)]
     pub max_inflight: u64,
@@ -215,7 +220,19 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     if specs.is_empty() {
         bail!("nothing to serve: give --build ID or --export NAME=BUILD[:FILE]");
     }
-    let engine = args.engine.engine()?;
+    let engine = Arc::new(args.engine.engine()?);
+    let metrics = match args.metrics.as_deref() {
+        Some(m) => {
+            let addr = m
+                .strip_prefix("tcp:")
+                .with_context(|| format!("--metrics {m:?}: expected tcp:HOST:PORT"))?;
+            Some(crate::metrics::MetricsServer::start(
+                addr,
+                Some(Arc::clone(&engine)),
+            )?)
+        }
+        None => None,
+    };
     let overlay_dir = OverlayDir::new(args.overlay_dir.as_ref())?;
     let exports = open_exports(&engine, &specs, args.read_only, overlay_dir.path())?;
     let opts = ServeOptions {
@@ -231,6 +248,9 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     ])
     .context("installing signal handlers")?;
     let server = Server::start(exports, &opts)?;
+    if let Some(m) = &metrics {
+        println!("metrics http://{}/metrics", m.addr());
+    }
     print_uris(&server)?;
     let sig = signals
         .forever()
@@ -243,6 +263,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         eprintln!("thaw serve: {left} connections still open at the drain deadline");
     }
     drop(overlay_dir);
+    drop(metrics);
     Ok(())
 }
 

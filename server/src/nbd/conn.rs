@@ -150,6 +150,7 @@ async fn handshake(
                     () = tokio::time::sleep_until(deadline) => {
                         tracing::info!(conn = id, "nbd: handshake deadline passed, closing");
                         shared.counters.bump_handshake_timeout();
+                        metrics::counter!("thaw_nbd_handshake_timeouts_total").increment(1);
                         return Ok(None);
                     }
                     _ = shutdown.changed(), if !shutting => {
@@ -189,6 +190,8 @@ async fn handshake(
                 tracing::info!(conn = id, reason = why.as_str(), detail = %why,
                     "nbd: handshake rejected, closing");
                 shared.counters.bump_rejected();
+                metrics::counter!("thaw_nbd_handshake_rejected_total", "reason" => why.as_str())
+                    .increment(1);
                 return Ok(None);
             }
         }
@@ -231,6 +234,9 @@ impl Conn {
 
     async fn send_error(&self, req: &Request, errno: Errno, msg: &str) {
         self.shared.counters.bump_error();
+        metrics::counter!("thaw_nbd_request_errors_total",
+            "cmd" => req.command.as_str(), "errno" => errno.as_str())
+        .increment(1);
         let mut out = Vec::new();
         encode_error_reply(&mut out, &self.neg, req, errno.code(), msg);
         self.send(vec![OutBuf::heap(out)]).await;
@@ -312,9 +318,17 @@ async fn request_loop(
         conn.shared
             .counters
             .bump_request(req.command, u64::from(req.length));
+        let cmd = req.command.as_str();
+        metrics::counter!("thaw_nbd_requests_total", "cmd" => cmd).increment(1);
+        if req.command == Command::Write {
+            metrics::counter!("thaw_nbd_write_bytes_total").increment(u64::from(req.length));
+        }
+        let started = std::time::Instant::now();
         let c = Rc::clone(conn);
         tokio_uring::spawn(async move {
             handle(&c, req, payload).await;
+            metrics::histogram!(crate::metrics::REQUEST_DURATION, "cmd" => cmd)
+                .record(started.elapsed().as_secs_f64());
             c.hold(permit);
         });
     }
@@ -587,6 +601,7 @@ async fn read_reply(conn: &Conn, req: &Request) {
         }
     };
     conn.shared.counters.bump_read_bytes(u64::from(req.length));
+    metrics::counter!("thaw_nbd_read_bytes_total").increment(u64::from(req.length));
     let mut bufs = Vec::with_capacity(pieces.len() * 2 + 1);
     let contiguous = |bufs: &mut Vec<OutBuf>, pieces: Vec<Piece>| {
         for p in pieces {

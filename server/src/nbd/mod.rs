@@ -282,6 +282,7 @@ struct LiveGuard(Arc<AtomicUsize>);
 impl Drop for LiveGuard {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
+        metrics::gauge!("thaw_nbd_connections_active").decrement(1.0);
     }
 }
 
@@ -516,6 +517,8 @@ impl AcceptCtx {
                 .connections
                 .fetch_add(1, Ordering::Relaxed);
             self.live.fetch_add(1, Ordering::AcqRel);
+            metrics::counter!("thaw_nbd_connections_total").increment(1);
+            metrics::gauge!("thaw_nbd_connections_active").increment(1.0);
             let guard = LiveGuard(Arc::clone(&self.live));
             let shared = Arc::clone(&self.shared);
             let worker = next_worker % self.handle.workers().max(1);
