@@ -745,3 +745,61 @@ fn prometheus_metrics_count_requests_errors_and_latency() {
     assert!(value("thaw_nbd_connections_total") >= 2.0);
     assert!(body.contains("thaw_engine_store_requests_total"), "{body}");
 }
+
+#[test]
+fn a_client_that_never_reads_replies_is_throttled() {
+    let s = Serve::start(&["--read-only", "--max-inflight", "4MiB"]);
+    let mut c = Raw::connect(&s.sock);
+    c.go("l0");
+    c.s.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
+    // 200k rejected requests (5.6 MB) without reading a single reply: the server must stop
+    // reading once its in-flight budget is used up, so our writes stall.
+    let req = Request {
+        flags: 0,
+        command: NbdCmd::Unknown(77),
+        cookie: 1,
+        offset: 0,
+        length: 0,
+    }
+    .to_bytes();
+    let burst: Vec<u8> = req.iter().copied().cycle().take(28 * 1000).collect();
+    let mut stalled = false;
+    for _ in 0..200 {
+        if c.s.write_all(&burst).is_err() {
+            stalled = true;
+            break;
+        }
+    }
+    assert!(
+        stalled,
+        "the server buffered 200k replies for a client that reads none"
+    );
+    // Other clients are unaffected.
+    let mut d = Raw::connect(&s.sock);
+    d.go("l0");
+    d.request(NbdCmd::Read, 3, 0, 4096, &[]);
+    let (err, cookie, data) = d.simple(4096);
+    assert_eq!((err, cookie), (0, 3));
+    assert!(data == flat(0)[..4096]);
+}
+
+#[test]
+fn a_listener_that_cannot_bind_fails_the_start() {
+    let out = Command::new(env!("CARGO_BIN_EXE_thaw"))
+        .args(["serve", "--store"])
+        .arg(&fixture().store)
+        .args([
+            "--build",
+            &fixture().manifest.layers[0].build_id.to_string(),
+        ])
+        .args(["--listen", "tcp:127.0.0.1:0"])
+        .args(["--listen", "unix:/nonexistent-dir/x/nbd.sock"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("binding unix:/nonexistent-dir/x/nbd.sock"),
+        "{err}"
+    );
+}

@@ -294,7 +294,13 @@ async fn request_loop(
                 reader.skip(stream, u64::from(drain)).await?;
                 tracing::debug!(conn = conn.id, cookie = req.cookie, cmd = req.command.as_str(),
                     %errno, reason, "nbd: request rejected");
+                // The error reply holds a permit too, so a client that floods bad requests
+                // without reading the replies is throttled like any other.
+                let Some(permit) = acquire(sem, 1).await else {
+                    return Ok(());
+                };
                 conn.send_error(&req, errno, reason).await;
+                conn.hold(permit);
                 continue;
             }
             Err(Invalid::Disconnect { reason }) => {

@@ -325,8 +325,11 @@ impl Server {
         });
         let live = Arc::new(AtomicUsize::new(0));
         let next_id = Arc::new(AtomicU64::new(1));
+        let handle = runtime.handle().clone();
+        // The runtime goes in first: if a listener fails below, dropping `server` stops the
+        // acceptors already started, then the runtime.
         let mut server = Self {
-            runtime: None,
+            runtime: Some(runtime),
             shutdown_tx,
             acceptors: Vec::new(),
             live: Arc::clone(&live),
@@ -338,7 +341,7 @@ impl Server {
             let (addr, listener) = bind(l)?;
             let stop = Arc::new(AtomicBool::new(false));
             let ctx = AcceptCtx {
-                handle: runtime.handle().clone(),
+                handle: handle.clone(),
                 shared: Arc::clone(&shared),
                 live: Arc::clone(&live),
                 next_id: Arc::clone(&next_id),
@@ -355,7 +358,6 @@ impl Server {
                 thread: Some(thread),
             });
         }
-        server.runtime = Some(runtime);
         Ok(server)
     }
 
