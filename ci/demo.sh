@@ -45,6 +45,35 @@ base[1048576:1048576 + 65536] = b'\xaa' * 65536
 assert got == bytes(base), "write through the overlay did not read back"
 print("overlay write read back: ok")
 PY
+
+# A real kernel block device without nbd.ko: nbdfuse exposes the export as a file, the loop driver
+# makes it a block device, and the kernel's ext4 mounts it read-write (writes go to the overlay).
+if [ -e /dev/fuse ] && [ "$(id -u)" = 0 ] && command -v nbdfuse >/dev/null; then
+  echo "== mount the served ext4 (base export) through nbdfuse + loop, read-write"
+  mkdir -p "$DIR/fuse" "$DIR/mnt"
+  nbdfuse "$DIR/fuse/disk" "nbd+unix:///base?socket=$SOCK" &
+  FUSE=$!
+  cleanup() {
+    umount "$DIR/mnt" 2>/dev/null || true
+    umount "$DIR/fuse" 2>/dev/null || true
+    kill -9 "$PID" 2>/dev/null || true
+  }
+  for _ in $(seq 1 100); do [ -f "$DIR/fuse/disk" ] && break; sleep 0.1; done
+  mount -o loop -t ext4 "$DIR/fuse/disk" "$DIR/mnt"
+  grep -q 'base build' "$DIR/mnt/hello.txt"
+  ls -l "$DIR/mnt"
+  echo "written by the kernel through thaw's overlay" > "$DIR/mnt/kernel.txt"
+  sync
+  umount "$DIR/mnt"
+  umount "$DIR/fuse"
+  wait "$FUSE"
+  nbdcopy "nbd+unix:///base?socket=$SOCK" "$DIR/copy3.raw"
+  debugfs -R 'cat /kernel.txt' "$DIR/copy3.raw" 2>/dev/null | grep -q 'written by the kernel'
+  echo "kernel ext4 mount, write, remount-read through the overlay: ok"
+else
+  echo "== skipping the nbdfuse + loop mount (needs root and /dev/fuse)"
+fi
+
 kill -TERM "$PID"
 wait "$PID"
 trap - EXIT
