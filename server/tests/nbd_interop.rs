@@ -803,3 +803,35 @@ fn a_listener_that_cannot_bind_fails_the_start() {
         "{err}"
     );
 }
+
+#[test]
+fn connections_over_the_limit_are_closed_at_once() {
+    let s = Serve::start(&["--read-only", "--max-connections", "2"]);
+    let mut a = Raw::connect(&s.sock);
+    a.go("l0");
+    let _b = Raw::connect(&s.sock);
+    // The third gets EOF instead of a greeting.
+    let mut c = UnixStream::connect(&s.sock).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut g = [0u8; 18];
+    assert!(
+        c.read_exact(&mut g).is_err(),
+        "a third connection was served"
+    );
+    // Once one closes, a new one is accepted.
+    a.request(NbdCmd::Disc, 0, 0, 0, &[]);
+    assert!(a.closed());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut d = UnixStream::connect(&s.sock).unwrap();
+        d.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        if d.read_exact(&mut g).is_ok() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no connection accepted after one closed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -110,6 +110,10 @@ pub struct ServeArgs {
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
 
+    /// Most open connections (handshakes included); more are closed at once.
+    #[arg(long, value_name = "N", default_value_t = crate::nbd::DEFAULT_MAX_CONNECTIONS)]
+    pub max_connections: usize,
+
     /// Runtime workers (0 = one per core).
     #[arg(long, default_value_t = 0)]
     pub workers: usize,
@@ -240,6 +244,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         workers: args.workers,
         handshake_timeout: args.handshake_timeout,
         max_inflight_bytes: args.max_inflight,
+        max_connections: args.max_connections,
     };
     // Handlers first, so a signal that arrives while we start is not the default (kill).
     let mut signals = signal_hook::iterator::Signals::new([

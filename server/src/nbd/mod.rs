@@ -45,6 +45,9 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
 /// stops reading requests above it).
 pub const DEFAULT_MAX_INFLIGHT: u64 = 256 << 20;
 
+/// Default cap on open connections (a guard against floods of half-open handshakes).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+
 /// Largest READ/WRITE payload advertised (the spec's default maximum).
 pub const MAX_PAYLOAD: u32 = 32 << 20;
 
@@ -184,6 +187,8 @@ pub struct ServeOptions {
     pub handshake_timeout: Duration,
     /// Payload bytes in flight per connection.
     pub max_inflight_bytes: u64,
+    /// Most open connections (handshakes included); more are closed at once.
+    pub max_connections: usize,
 }
 
 impl Default for ServeOptions {
@@ -193,6 +198,7 @@ impl Default for ServeOptions {
             workers: 0,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             max_inflight_bytes: DEFAULT_MAX_INFLIGHT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
         }
     }
 }
@@ -346,6 +352,7 @@ impl Server {
                 live: Arc::clone(&live),
                 next_id: Arc::clone(&next_id),
                 stop: Arc::clone(&stop),
+                max_connections: opts.max_connections.max(1),
             };
             let thread = thread::Builder::new()
                 .name("thaw-nbd-accept".into())
@@ -486,6 +493,7 @@ struct AcceptCtx {
     live: Arc<AtomicUsize>,
     next_id: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
+    max_connections: usize,
 }
 
 impl AcceptCtx {
@@ -512,6 +520,15 @@ impl AcceptCtx {
                 && let Err(e) = s.set_nodelay(true)
             {
                 tracing::debug!(error = %e, "nbd: TCP_NODELAY");
+            }
+            if self.live.load(Ordering::Acquire) >= self.max_connections {
+                // Dropping the socket closes it: the client sees EOF before the greeting.
+                tracing::debug!(
+                    max = self.max_connections,
+                    "nbd: connection limit reached, refusing"
+                );
+                metrics::counter!("thaw_nbd_connections_refused_total").increment(1);
+                continue;
             }
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
             self.shared
