@@ -1,6 +1,7 @@
 //! One client connection: the handshake (driving [`ServerHandshake`] under a deadline), then the
 //! transmission phase with many requests in flight, each a local task on the connection's
-//! worker, answered out of order; replies are serialised on the socket by a write lock.
+//! worker, answered out of order; each reply is queued whole and the connection's writer task
+//! sends everything queued with one `writev`.
 
 use std::cell::{Cell, RefCell};
 use std::io;

@@ -6,7 +6,8 @@
 //!     -> connection handed to a worker (round robin), as a tokio-uring socket
 //!        handshake: thaw_codec::nbd::ServerHandshake, under a deadline
 //!        transmission: read a request, validate, spawn a local task; many in flight,
-//!        answered out of order; replies written whole under a per-connection write lock
+//!        answered out of order; replies queued whole, one writer task per connection
+//!        sends every queued reply with one writev
 //!            READ          engine (zero-copy from the cache when present) + overlay
 //!            WRITE/ZEROES  copy-on-write overlay (overlay.rs)
 //!            BLOCK_STATUS  header mappings (nil = HOLE|ZERO) + overlay
