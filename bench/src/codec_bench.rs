@@ -219,7 +219,7 @@ pub fn run(args: &CodecBenchArgs) -> anyhow::Result<()> {
 
 /// ~3x-compressible data: 4 KiB pages, each random (incompressible), zero, a repeated short
 /// pattern, or low-entropy bytes (16-symbol alphabet: entropy coders halve it, LZ matchers don't).
-fn generate(seed: u64, size: usize) -> Vec<u8> {
+pub(crate) fn generate(seed: u64, size: usize) -> Vec<u8> {
     const PAGE: usize = 4096;
     let mut rng = SmallRng::seed_from_u64(seed);
     let mut data = vec![0u8; size];

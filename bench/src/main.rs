@@ -2,12 +2,15 @@
 //!
 //! - `thaw-bench gen`: a layered chain in e2b's layout plus the flattened image of every layer.
 //! - `thaw-bench codec`: frame decode/encode throughput against the `zstd` and `lz4` CLIs.
+//! - `thaw-bench engine`: e2b's chunker benchmarks (random access, cold concurrent reads, cache
+//!   hits, bookkeeping) against the engine, beside e2b's figures.
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
 mod codec_bench;
+mod engine_bench;
 mod gen_cmd;
 
 /// thaw's benchmark harness and test-data generator.
@@ -26,6 +29,9 @@ enum Command {
     /// Frame codec throughput: our zstd/LZ4 decode and encode vs the `zstd` and `lz4` CLIs on the
     /// same data, in the same run.
     Codec(codec_bench::CodecBenchArgs),
+    /// The engine under e2b's chunker benchmarks (simulated GCS/NFS): random access, cold
+    /// concurrent reads per codec, cache hits, bookkeeping memory; e2b's figures beside ours.
+    Engine(Box<engine_bench::EngineBenchArgs>),
 }
 
 fn main() -> ExitCode {
@@ -40,6 +46,7 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Gen(args) => gen_cmd::run(args),
         Command::Codec(args) => codec_bench::run(args),
+        Command::Engine(args) => engine_bench::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

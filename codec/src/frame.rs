@@ -485,20 +485,19 @@ fn zstd_frame_header(src: &[u8]) -> Result<ZstdFrameHeader> {
     })
 }
 
-/// Decodes one zstd frame into exactly `dst`.
-fn decode_zstd(dctx: &mut DCtx<'static>, src: &[u8], dst: &mut [u8]) -> Result<()> {
-    const WHAT: &str = "zstd frame";
+/// Checks what a zstd frame header declares against the cap and the destination (catalogue C3):
+/// a content size other than `dst_len` or above the cap, or a window above the cap, is refused
+/// before any byte is decoded.
+fn check_zstd_header(header: &ZstdFrameHeader, dst_len: usize) -> Result<()> {
     let cap = u64::from(MAX_FRAME_SIZE);
-    // Catalogue C3: everything the header declares is checked before any decoding.
-    let header = zstd_frame_header(src)?;
     if let Some(size) = header.content_size {
         if size > cap {
             return Err(CodecError::too_large("zstd frame content size", size, cap));
         }
-        if size != dst.len() as u64 {
+        if size != dst_len as u64 {
             return Err(size_mismatch(
-                WHAT,
-                dst.len(),
+                "zstd frame",
+                dst_len,
                 format!("content size {size}"),
             ));
         }
@@ -510,6 +509,14 @@ fn decode_zstd(dctx: &mut DCtx<'static>, src: &[u8], dst: &mut [u8]) -> Result<(
             cap,
         ));
     }
+    Ok(())
+}
+
+/// Decodes one zstd frame into exactly `dst`.
+fn decode_zstd(dctx: &mut DCtx<'static>, src: &[u8], dst: &mut [u8]) -> Result<()> {
+    const WHAT: &str = "zstd frame";
+    // Catalogue C3: everything the header declares is checked before any decoding.
+    check_zstd_header(&zstd_frame_header(src)?, dst.len())?;
 
     dctx.reset(ResetDirective::SessionOnly)
         .map_err(|code| zstd_error(WHAT, code))?;
@@ -1117,26 +1124,7 @@ impl StreamDecoder {
                 }
                 Err(e) => return Err(e),
             };
-            let cap = u64::from(MAX_FRAME_SIZE);
-            if let Some(size) = header.content_size {
-                if size > cap {
-                    return Err(CodecError::too_large("zstd frame content size", size, cap));
-                }
-                if size != dst.len() as u64 {
-                    return Err(size_mismatch(
-                        WHAT,
-                        dst.len(),
-                        format!("content size {size}"),
-                    ));
-                }
-            }
-            if header.window_size > cap {
-                return Err(CodecError::too_large(
-                    "zstd frame window",
-                    header.window_size,
-                    cap,
-                ));
-            }
+            check_zstd_header(&header, dst.len())?;
             self.decoder
                 .zstd_context()?
                 .reset(ResetDirective::SessionOnly)

@@ -12,6 +12,8 @@
 //!   across cores); [`uring`]: io_uring reads (owned, registered and foreign-memory buffers);
 //! - [`nbd`]: the NBD server (`thaw serve`) and its copy-on-write overlay; [`metrics`]: the
 //!   Prometheus endpoint;
+//! - [`uffd`]: the UFFD memory handler over the engine ([`uffd::EngineSource`],
+//!   [`uffd::serve_uffd`]);
 //! - [`cli`]: the `thaw` subcommands.
 
 pub mod cache;
@@ -24,5 +26,6 @@ pub mod metrics;
 pub mod nbd;
 pub mod runtime;
 pub mod store;
+pub mod uffd;
 pub mod uring;
 pub mod writer;

@@ -10,8 +10,8 @@
 //! - `nbd_requests_total{cmd}`, `nbd_request_errors_total{cmd,errno}`,
 //!   `nbd_request_duration_seconds{cmd}` (histogram: request header read to reply queued),
 //!   `nbd_read_bytes_total`, `nbd_write_bytes_total`;
-//! - `engine_*`: the engine's counters (hits, misses, sessions, store requests and bytes, tier
-//!   hits, retries, fetch errors), sampled at each scrape.
+//! - `engine_*`: the engine's counters (misses, sessions, store requests and bytes, tier hits,
+//!   retries, read-ahead, fetch errors), sampled at each scrape.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
@@ -140,7 +140,6 @@ fn answer(conn: &mut TcpStream, body: &str) -> std::io::Result<()> {
 fn sample_engine(engine: &Engine) {
     let s = engine.stats();
     for (name, v) in [
-        ("thaw_engine_hits_total", s.hits),
         ("thaw_engine_misses_total", s.misses),
         ("thaw_engine_sessions_total", s.sessions),
         ("thaw_engine_store_requests_total", s.store_requests),
@@ -148,6 +147,7 @@ fn sample_engine(engine: &Engine) {
         ("thaw_engine_cache_dir_hits_total", s.cache_dir_hits),
         ("thaw_engine_shared_cache_hits_total", s.shared_cache_hits),
         ("thaw_engine_retries_total", s.retries),
+        ("thaw_engine_readahead_total", s.readahead),
         ("thaw_engine_fetch_errors_total", s.fetch_errors),
         ("thaw_engine_filled_bytes_total", s.filled_bytes),
     ] {

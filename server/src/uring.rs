@@ -390,3 +390,102 @@ unsafe impl<R: StableRegion> IoBufMut for RegionBuf<R> {
         self.init = self.init.max(pos.min(self.len));
     }
 }
+
+// SAFETY: Safe because a `ChunkCache`'s memory is one mapping made at construction and unmapped
+// only when the cache is dropped (`reset` discards pages but keeps the mapping), so the pointer
+// and length `region` answers are the same for the cache's whole life, and the bytes stay
+// allocated, writable and unmoved until it is dropped (a `RegionBuf` holds an `Arc` of it).
+unsafe impl StableRegion for crate::cache::ChunkCache {
+    fn region(&self) -> (*mut u8, usize) {
+        (self.memory().as_mut_ptr(), self.memory().len())
+    }
+}
+
+/// Leaks a fill claim whose io_uring read may still be in flight (the future was dropped before
+/// the completion arrived): the blocks stay claimed, so no other fill can write them while the
+/// kernel still might. Disarmed once the read completed.
+struct ClaimKeeper<'a> {
+    guard: Option<crate::cache::FillGuard<'a>>,
+    armed: bool,
+}
+
+impl Drop for ClaimKeeper<'_> {
+    fn drop(&mut self) {
+        if self.armed
+            && let Some(guard) = self.guard.take()
+        {
+            tracing::warn!(
+                blocks = ?guard.blocks(),
+                "an io_uring read into the cache was cancelled in flight: its blocks stay claimed"
+            );
+            std::mem::forget(guard);
+        }
+    }
+}
+
+/// Reads the next `len` uncommitted bytes of `guard`'s claim (a fill of `cache`) from `file` at
+/// `file_offset`, straight into the cache memory (no intermediate buffer), then commits the
+/// blocks that are complete. Returns the result and the guard (with those blocks committed; on
+/// error nothing is committed).
+///
+/// Sound under cancellation: if the returned future is dropped while the kernel may still be
+/// writing, the claim is leaked (never released), so no other writer or reader can touch those
+/// bytes.
+///
+/// # Errors
+/// An I/O error, or end of file before `len` bytes ([`io::ErrorKind::UnexpectedEof`]); a `guard`
+/// that is not a claim of `cache`, or a `len` beyond it ([`io::ErrorKind::InvalidInput`]).
+pub async fn read_into_claim<'a>(
+    file: &File,
+    cache: &'a Arc<crate::cache::ChunkCache>,
+    guard: crate::cache::FillGuard<'a>,
+    file_offset: u64,
+    len: usize,
+) -> (io::Result<()>, Option<crate::cache::FillGuard<'a>>) {
+    let window = guard.uncommitted_bytes();
+    let invalid = |what: &str| io::Error::new(io::ErrorKind::InvalidInput, what.to_owned());
+    if !guard.is_claim_of(cache) {
+        return (Err(invalid("fill claim of another cache")), Some(guard));
+    }
+    let (Ok(start), Ok(avail)) = (
+        usize::try_from(window.start),
+        usize::try_from(window.end - window.start),
+    ) else {
+        return (Err(invalid("fill window out of range")), Some(guard));
+    };
+    if len > avail || len == 0 {
+        return (Err(invalid("read past the fill claim")), Some(guard));
+    }
+    // SAFETY: Safe because `[start, start + len)` lies inside the uncommitted part of the claim
+    // `guard` holds: no other guard can hold those blocks, they are absent so no reader borrows
+    // them, and the claim is released only after the read completed (on cancellation the
+    // `ClaimKeeper` below leaks it), so only the kernel writes the window while the buffer lives.
+    let Some(buf) = (unsafe { RegionBuf::new(Arc::clone(cache), start, len) }) else {
+        return (Err(invalid("fill window out of range")), Some(guard));
+    };
+    let mut keeper = ClaimKeeper {
+        guard: Some(guard),
+        armed: true,
+    };
+    let (res, _buf) = read_exact_at(file, buf, file_offset).await;
+    keeper.armed = false;
+    let Some(mut guard) = keeper.guard.take() else {
+        return (Err(invalid("fill claim lost")), None);
+    };
+    if let Err(e) = res {
+        return (Err(e), Some(guard));
+    }
+    // Commit the blocks now complete (all of them when the read reached the claim's end).
+    let bs = cache.block_size();
+    let done = u64::try_from(len).unwrap_or(0);
+    let full = if done == window.end - window.start {
+        guard.uncommitted().end - guard.uncommitted().start
+    } else {
+        done / bs
+    };
+    let res = guard
+        .commit(full)
+        .map(|_| ())
+        .map_err(|e| invalid(&e.to_string()));
+    (res, Some(guard))
+}

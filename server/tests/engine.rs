@@ -51,9 +51,12 @@ fn chain(dir: &Path, spec: &ChainSpec) -> (Arc<FileStore>, ChainManifest) {
     (store, manifest)
 }
 
+/// The tests' engine settings: read-ahead off, so that store requests are exactly the ones the
+/// reads cause (read-ahead has its own test).
 fn config() -> EngineConfig {
     EngineConfig {
         fetch_deadline: Duration::from_secs(20),
+        readahead_units: 0,
         ..EngineConfig::default()
     }
 }
@@ -102,14 +105,26 @@ fn every_layer_reads_back_exactly_for_every_codec_and_block_size() {
     ] {
         let dir = tempfile::tempdir().unwrap();
         let (store, manifest) = chain(dir.path(), &spec(codec, block, seed));
-        let engine = Engine::new(store, config()).unwrap();
-        check_layers(&engine, &manifest, seed);
-        assert_eq!(engine.sessions_in_flight(), 0);
-        let stats = engine.stats();
-        assert!(
-            stats.store_requests > 0 && stats.fetch_errors == 0,
-            "{codec:?}: {stats:?}"
-        );
+        // The local store read with io_uring (straight into the cache) and with pread on the
+        // fetch threads.
+        for uring_local in [true, false] {
+            let engine = Engine::new(
+                store.clone(),
+                EngineConfig {
+                    uring_local,
+                    ..config()
+                },
+            )
+            .unwrap();
+            check_layers(&engine, &manifest, seed);
+            engine.drain(Duration::from_secs(20));
+            assert_eq!(engine.sessions_in_flight(), 0);
+            let stats = engine.stats();
+            assert!(
+                stats.store_requests > 0 && stats.fetch_errors == 0,
+                "{codec:?} uring {uring_local}: {stats:?}"
+            );
+        }
     }
 }
 
@@ -641,4 +656,105 @@ fn request_callbacks_fire_once_when_present() {
     let (tx, rx) = std::sync::mpsc::channel();
     f.request(f.size(), 4096, move |r| tx.send(r.is_err()).unwrap());
     assert!(rx.recv().unwrap());
+}
+
+/// Sequential readers get read-ahead (several frames in flight), random readers do not, and
+/// read-ahead never fetches a frame twice.
+#[test]
+fn sequential_misses_read_ahead_and_random_ones_do_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut spec = spec(CompressionType::Zstd, PAGE_SIZE, 91);
+    spec.layers = 0;
+    spec.size = 16 << 20;
+    let (store, manifest) = chain(dir.path(), &spec);
+    let base = &manifest.layers[0];
+    let want = fs::read(&base.files["rootfs.ext4"].flat).unwrap();
+    let frames = want.len().div_ceil(2 << 20) as u64;
+    let sim = sim_over(Arc::clone(&store), 5);
+    let engine = Engine::new(
+        sim.clone(),
+        EngineConfig {
+            readahead_units: 2,
+            ..config()
+        },
+    )
+    .unwrap();
+    let f = engine.open(base.build_id, FileKind::Rootfs).unwrap();
+    sim.reset_stats();
+    let mut buf = vec![0u8; 64 << 10];
+    for off in (0..want.len()).step_by(buf.len()) {
+        f.read_at(off as u64, &mut buf).unwrap();
+        assert!(buf == want[off..off + buf.len()]);
+    }
+    engine.drain(Duration::from_secs(20));
+    let stats = engine.stats();
+    assert!(stats.readahead > 0, "{stats:?}");
+    assert_eq!(
+        sim.stats().reads,
+        frames,
+        "each frame fetched once: {stats:?}"
+    );
+    assert!(
+        stats.misses < frames,
+        "read-ahead hid some misses: {stats:?}"
+    );
+
+    // Random single-block reads on a fresh engine: nothing read ahead.
+    let engine = Engine::new(
+        sim.clone(),
+        EngineConfig {
+            readahead_units: 2,
+            ..config()
+        },
+    )
+    .unwrap();
+    let f = engine.open(base.build_id, FileKind::Rootfs).unwrap();
+    for frame in [5u64, 1, 7, 3] {
+        let mut page = vec![0u8; 4096];
+        f.read_at(frame * (2 << 20), &mut page).unwrap();
+    }
+    assert_eq!(engine.stats().readahead, 0);
+}
+
+/// The io_uring local path refuses a damaged object like the pread path: a truncated data file
+/// fails the read with an error naming the unit, and nothing of it is cached.
+#[test]
+fn the_io_uring_local_path_refuses_damaged_objects() {
+    for codec in [CompressionType::Zstd, CompressionType::None] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spec = spec(codec, PAGE_SIZE, 101);
+        spec.layers = 0;
+        let (store, manifest) = chain(dir.path(), &spec);
+        let base = &manifest.layers[0];
+        let want = fs::read(&base.files["rootfs.ext4"].flat).unwrap();
+        let name = if codec == CompressionType::None {
+            "rootfs.ext4"
+        } else {
+            "rootfs.ext4.zstd"
+        };
+        let object = store.root().join(base.build_id.to_string()).join(name);
+        let engine = Engine::new(store.clone(), config()).unwrap();
+        let f = engine.open(base.build_id, FileKind::Rootfs).unwrap();
+        // Cut the object in half: the last unit cannot be read.
+        let len = fs::metadata(&object).unwrap().len();
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&object)
+            .unwrap()
+            .set_len(len / 2)
+            .unwrap();
+        let off = want.len() as u64 - 4096;
+        let mut buf = vec![0u8; 4096];
+        let err = f.read_at(off, &mut buf).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("io_uring") && msg.contains(&base.build_id.to_string()),
+            "{msg}"
+        );
+        assert!(!f.is_present(off, 4096));
+        // The first bytes are still there and correct.
+        let mut head = vec![0u8; 4096];
+        f.read_at(0, &mut head).unwrap();
+        assert!(head == want[..4096]);
+    }
 }

@@ -136,6 +136,8 @@ struct Shared<S> {
     deferred_len: AtomicUsize,
     stop: AtomicBool,
     gone: AtomicBool,
+    /// The fault thread has left its loop (prefaults are refused from then on).
+    ended: AtomicBool,
     fatal: Mutex<Option<UffdError>>,
     /// Whether the guest memory is registered for write-protect tracking (learned from the first
     /// `UFFDIO_COPY_MODE_WP`: EINVAL means it is not).
@@ -219,6 +221,7 @@ impl<S: PageSource> FaultHandler<S> {
             deferred_len: AtomicUsize::new(0),
             stop: AtomicBool::new(false),
             gone: AtomicBool::new(false),
+            ended: AtomicBool::new(false),
             fatal: Mutex::new(None),
             wp: AtomicU8::new(WP_UNKNOWN),
             metrics: Metrics::default(),
@@ -253,6 +256,13 @@ impl<S: PageSource> FaultHandler<S> {
 
     /// Waits for the fault thread and returns how it ended.
     pub fn join(mut self) -> Result<Exit> {
+        self.join_inner()
+    }
+
+    /// Waits for the fault thread like [`join`](Self::join), keeping the handler for inspection
+    /// (page states, dirty pages, metrics after the VM is gone). A second call returns
+    /// `Ok(Exit::Stopped)`.
+    pub fn wait(&mut self) -> Result<Exit> {
         self.join_inner()
     }
 
@@ -305,6 +315,13 @@ impl<S: PageSource> FaultHandler<S> {
         self.shared.metrics.snapshot()
     }
 
+    /// A handle that installs pages before the guest touches them (prefetch), from any thread.
+    pub fn prefaulter(&self) -> Prefaulter<S> {
+        Prefaulter {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+
     fn offsets(&self, pred: impl Fn(PageState) -> bool) -> Vec<u64> {
         self.shared
             .states
@@ -324,6 +341,73 @@ impl<S: PageSource> Drop for FaultHandler<S> {
     }
 }
 
+/// What [`Prefaulter::prefault`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prefault {
+    /// Installed now: source data (state Clean, write-protected when the peer registered
+    /// write-protect) or zeros (state Zero).
+    Installed,
+    /// Left alone: the page is no longer NotPresent (a fault installed it or is fetching it, it
+    /// was prefaulted before, or the guest removed it), or a fault's install won the race.
+    Skipped(PageState),
+    /// The source does not have the page yet: warm it, then try again.
+    NotReady,
+    /// The install got EAGAIN (a mapping change not yet read): left to the fault path.
+    Busy,
+    /// The fault loop has ended (peer gone, stopped or failed).
+    Ended,
+}
+
+/// Installs pages ahead of faults (e2b's prefault of the recorded first-touch order). Cheap to
+/// clone, usable from any thread while the [`FaultHandler`] runs.
+///
+/// A page is installed only if its state is NotPresent, claimed with a compare-and-swap to its
+/// final state *before* the copy: a fault that arrives meanwhile sees the page as installed and
+/// its own copy gets `EEXIST` (then `UFFDIO_WAKE`), so each page is written into the guest once
+/// and nothing is written over a page the guest may already have modified.
+pub struct Prefaulter<S: PageSource> {
+    shared: Arc<Shared<S>>,
+}
+
+impl<S: PageSource> Clone for Prefaulter<S> {
+    fn clone(&self) -> Self {
+        Self {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+impl<S: PageSource> std::fmt::Debug for Prefaulter<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prefaulter")
+            .field("peer_pid", &self.shared.peer_pid)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: PageSource> Prefaulter<S> {
+    /// Installs the page at file offset `offset` (page-aligned) if the guest has not touched it
+    /// and the source has it. Never fetches and never blocks on the source.
+    ///
+    /// # Errors
+    /// A misaligned or out-of-range offset, or an install ioctl that failed in a way that is not
+    /// "already there", "try later" or "the VM is gone" (the page is left NotPresent for the
+    /// fault path; the caller should stop prefaulting).
+    pub fn prefault(&self, offset: u64) -> Result<Prefault> {
+        self.shared.prefault(offset)
+    }
+
+    /// The page size of the regions.
+    pub fn page_size(&self) -> u64 {
+        self.shared.page_size
+    }
+
+    /// Whether the fault loop has ended.
+    pub fn is_ended(&self) -> bool {
+        self.shared.ended.load(Ordering::Acquire)
+    }
+}
+
 fn is_errno(e: &io::Error, code: i32) -> bool {
     e.raw_os_error() == Some(code)
 }
@@ -332,7 +416,9 @@ impl<S: PageSource> Shared<S> {
     // ---- the fault thread ----
 
     fn run(self: &Arc<Self>) -> Result<Exit> {
-        match self.run_loop() {
+        let r = self.run_loop();
+        self.ended.store(true, Ordering::Release);
+        match r {
             Ok(exit) => {
                 tracing::debug!(?exit, "UFFD handler exiting");
                 Ok(exit)
@@ -690,6 +776,8 @@ impl<S: PageSource> Shared<S> {
         }
         match self.source.lookup(page.offset, self.page_size) {
             Lookup::Ready(src) => self.install_copy(page, src, write, state),
+            // The staging page lives until the end of this arm, i.e. across the copy.
+            Lookup::Owned(buf) => self.install_copy(page, buf.as_ptr(), write, state),
             Lookup::Zero => self.install_zero(page, write, state),
             Lookup::Missing if from_fetch => {
                 // The source said the page is present, but it is not: a source bug. Never guess
@@ -775,6 +863,114 @@ impl<S: PageSource> Shared<S> {
         )
     }
 
+    // ---- prefault (any thread) ----
+
+    fn prefault(&self, offset: u64) -> Result<Prefault> {
+        if self.ended.load(Ordering::Acquire)
+            || self.stop.load(Ordering::Acquire)
+            || self.gone.load(Ordering::Acquire)
+        {
+            return Ok(Prefault::Ended);
+        }
+        let ps = self.page_size;
+        let host = self
+            .regions
+            .regions()
+            .iter()
+            .find(|r| offset >= r.offset && offset - r.offset < r.size)
+            .map(|r| r.base_host_virt_addr + (offset - r.offset));
+        let (Some(host), true) = (host, offset.is_multiple_of(ps)) else {
+            return Err(UffdError::new(
+                ErrorKind::Protocol,
+                format!(
+                    "prefault of file offset {offset:#x}: not a page of the memory file; {}",
+                    self.regions
+                ),
+            ));
+        };
+        let idx = usize::try_from(offset / ps)
+            .map_err(|_| UffdError::new(ErrorKind::Protocol, "page index overflow"))?;
+        let page = Page { host, offset, idx };
+        let state = self.states.get(idx);
+        if state != PageState::NotPresent {
+            Metrics::inc(&self.metrics.prefault_skipped);
+            return Ok(Prefault::Skipped(state));
+        }
+        let mode = self.copy_mode(false);
+        let (next, r) = match self.source.lookup(offset, ps) {
+            Lookup::Missing => return Ok(Prefault::NotReady),
+            Lookup::Ready(src) => (PageState::Clean, self.prefault_copy(page, src, mode)),
+            Lookup::Owned(buf) => (
+                PageState::Clean,
+                self.prefault_copy(page, buf.as_ptr(), mode),
+            ),
+            Lookup::Zero => (
+                PageState::Zero,
+                self.prefault_copy(page, self.zeros.as_ptr(), mode),
+            ),
+        };
+        let Some(r) = r else {
+            Metrics::inc(&self.metrics.prefault_skipped);
+            return Ok(Prefault::Skipped(self.states.get(idx)));
+        };
+        match r {
+            Ok(()) => {
+                Metrics::inc(&self.metrics.prefaults);
+                if next == PageState::Clean {
+                    Metrics::add(&self.metrics.prefault_bytes, ps);
+                }
+                Ok(Prefault::Installed)
+            }
+            Err(e) => match e.raw_os_error() {
+                Some(libc::EEXIST) => {
+                    // A fault's copy got there first (it saw our claim and copied anyway): it
+                    // wakes its waiters itself; the state is the fault's.
+                    Metrics::inc(&self.metrics.prefault_skipped);
+                    Ok(Prefault::Skipped(self.states.get(idx)))
+                }
+                Some(libc::EAGAIN) => {
+                    self.states.transition(idx, next, PageState::NotPresent);
+                    Ok(Prefault::Busy)
+                }
+                Some(libc::ESRCH) => Ok(Prefault::Ended),
+                _ => {
+                    self.states.transition(idx, next, PageState::NotPresent);
+                    Err(UffdError::io(
+                        ErrorKind::Uffd,
+                        format!(
+                            "prefault of the page at file offset {offset:#x} (host {host:#x}, {ps} bytes)"
+                        ),
+                        e,
+                    ))
+                }
+            },
+        }
+    }
+
+    /// Claims NotPresent -> (Clean for data, Zero for the zero buffer) and copies; `None` when
+    /// the claim failed (a fault got there first).
+    fn prefault_copy(&self, page: Page, src: *const u8, mode: u64) -> Option<io::Result<()>> {
+        let next = if std::ptr::eq(src, self.zeros.as_ptr()) {
+            PageState::Zero
+        } else {
+            PageState::Clean
+        };
+        if !self
+            .states
+            .transition(page.idx, PageState::NotPresent, next)
+        {
+            return None;
+        }
+        let r = ioctl::copy(self.uffd.as_fd(), page.host, src, self.page_size, mode);
+        Some(if mode != 0 {
+            self.learn_wp(r, || {
+                ioctl::copy(self.uffd.as_fd(), page.host, src, self.page_size, 0)
+            })
+        } else {
+            r
+        })
+    }
+
     /// Whether a read fault should be installed write-protected.
     fn copy_mode(&self, write: bool) -> u64 {
         if !write && self.wp.load(Ordering::Relaxed) != WP_OFF {
@@ -807,6 +1003,12 @@ impl<S: PageSource> Shared<S> {
             let now = self.states.get(page.idx);
             if now == PageState::Removed {
                 return self.install_zero(page, write, now);
+            }
+            // Installed meanwhile by a prefault: this copy will get EEXIST. A write fault still
+            // writes the page once woken, so it is dirty (without write-protect no later fault
+            // would tell).
+            if write && matches!(now, PageState::Clean | PageState::Zero) {
+                self.states.transition(page.idx, now, PageState::Dirty);
             }
         }
         let mode = self.copy_mode(write);

@@ -25,10 +25,10 @@ pub mod source;
 pub mod state;
 
 pub use error::{ErrorKind, Result, UffdError};
-pub use handler::{Exit, FaultHandler, HandlerConfig};
+pub use handler::{Exit, FaultHandler, HandlerConfig, Prefault, Prefaulter};
 pub use handshake::{Handshake, HandshakeConfig, PeerCred};
 pub use metrics::MetricsSnapshot;
 pub use os::kill_peer;
-pub use source::{FetchDone, FetchError, Lookup, PageSource};
+pub use source::{FetchDone, FetchError, Lookup, PAGE_BUF_ALIGN, PageBuf, PageSource};
 pub use state::PageState;
 pub use thaw_codec::{RegionMap, UffdRegion};

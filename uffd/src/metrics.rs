@@ -24,6 +24,9 @@ pub struct Metrics {
     pub(crate) fetches: AtomicU64,
     pub(crate) fetch_retries: AtomicU64,
     pub(crate) fetch_failures: AtomicU64,
+    pub(crate) prefaults: AtomicU64,
+    pub(crate) prefault_bytes: AtomicU64,
+    pub(crate) prefault_skipped: AtomicU64,
     pub(crate) fetch_latency_us: [AtomicU64; LATENCY_BUCKETS],
 }
 
@@ -58,6 +61,12 @@ pub struct MetricsSnapshot {
     pub fetch_retries: u64,
     /// Failed fetch attempts.
     pub fetch_failures: u64,
+    /// Pages installed ahead of any fault by [`Prefaulter`](crate::Prefaulter) (data or zeros).
+    pub prefaults: u64,
+    /// Bytes of source data installed by those prefaults.
+    pub prefault_bytes: u64,
+    /// Prefaults that found the page already handled by the fault path.
+    pub prefault_skipped: u64,
     /// Fetch latency histogram (see [`LATENCY_BUCKETS`]).
     pub fetch_latency_us: [u64; LATENCY_BUCKETS],
 }
@@ -95,6 +104,9 @@ impl Metrics {
             fetches: l(&self.fetches),
             fetch_retries: l(&self.fetch_retries),
             fetch_failures: l(&self.fetch_failures),
+            prefaults: l(&self.prefaults),
+            prefault_bytes: l(&self.prefault_bytes),
+            prefault_skipped: l(&self.prefault_skipped),
             fetch_latency_us: std::array::from_fn(|i| l(&self.fetch_latency_us[i])),
         }
     }
@@ -104,6 +116,26 @@ impl MetricsSnapshot {
     /// Total fetches recorded in the latency histogram.
     pub fn fetch_latency_count(&self) -> u64 {
         self.fetch_latency_us.iter().sum()
+    }
+
+    /// The fetch latency below which a fraction `q` (0..=1) of the recorded fetches fall, as the
+    /// upper bound of its histogram bucket (so within a factor of two); `None` with no fetches.
+    pub fn fetch_latency_quantile(&self, q: f64) -> Option<Duration> {
+        let total = self.fetch_latency_count();
+        if total == 0 {
+            return None;
+        }
+        let q = q.clamp(0.0, 1.0);
+        let mut seen = 0u64;
+        for (i, &n) in self.fetch_latency_us.iter().enumerate() {
+            seen += n;
+            #[allow(clippy::cast_precision_loss, reason = "counts far below 2^52")]
+            let frac = seen as f64 / total as f64;
+            if n > 0 && frac >= q {
+                return Some(Duration::from_micros(1u64 << (i + 1).min(63)));
+            }
+        }
+        Some(Duration::from_micros(1u64 << LATENCY_BUCKETS.min(63)))
     }
 }
 
@@ -124,5 +156,14 @@ mod tests {
         assert_eq!(s.fetch_latency_us[9], 1); // 1000 us: [512, 1024)
         assert_eq!(s.fetch_latency_us[LATENCY_BUCKETS - 1], 1);
         assert_eq!(s.fetch_latency_count(), 4);
+        assert_eq!(
+            s.fetch_latency_quantile(0.5),
+            Some(Duration::from_micros(4))
+        );
+        assert_eq!(
+            s.fetch_latency_quantile(0.75),
+            Some(Duration::from_micros(1024))
+        );
+        assert_eq!(MetricsSnapshot::default().fetch_latency_quantile(0.5), None);
     }
 }

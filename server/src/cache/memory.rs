@@ -539,6 +539,12 @@ impl FillGuard<'_> {
         }
     }
 
+    /// Whether this guard is a claim of `cache`.
+    #[must_use]
+    pub fn is_claim_of(&self, cache: &ChunkCache) -> bool {
+        std::ptr::eq(self.cache, cache)
+    }
+
     /// The uncommitted bytes (`uncommitted_bytes()` of the file), writable. Empty once
     /// everything is committed. Initially they hold zeros or leftovers of a failed fill.
     pub fn buf(&mut self) -> &mut [u8] {

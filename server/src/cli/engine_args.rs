@@ -1,4 +1,4 @@
-//! The engine options every serving command shares (`read`, and later `serve` and `uffd`).
+//! The engine options every serving command shares (`read`, `uffd`, and later `serve`).
 
 use std::path::PathBuf;
 use std::sync::Arc;

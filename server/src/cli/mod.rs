@@ -14,6 +14,7 @@ pub mod engine_args;
 pub mod inspect;
 pub mod read;
 pub mod serve;
+pub mod uffd;
 
 /// thaw serves VM snapshot images (e2b's layered build format) lazily.
 #[derive(Debug, Parser)]
@@ -47,6 +48,9 @@ pub enum Command {
     /// Serve build files over NBD (unix sockets, TCP) with a copy-on-write overlay.
     #[command(long_about = serve::LONG_ABOUT, after_help = serve::AFTER_HELP)]
     Serve(serve::ServeArgs),
+    /// Serve a VM's memory to Firecracker (UFFD snapshot backend) from a build's memfile.
+    #[command(long_about = uffd::LONG_ABOUT)]
+    Uffd(uffd::UffdArgs),
 }
 
 /// Runs a parsed command line.
@@ -57,6 +61,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Read(args) => read::run(&args),
         Command::Serve(args) => serve::run(&args),
         Command::Demo(args) => demo::run(&args),
+        Command::Uffd(args) => uffd::run(&args),
     }
 }
 

@@ -132,6 +132,10 @@ pub fn run(args: &ReadArgs) -> anyhow::Result<()> {
         let (done, failed) = p.join();
         eprintln!("prefetch: {done} blocks warmed, {failed} failed");
     }
+    // Let background transfers and write-backs finish: a cut write-back loses the cached copy.
+    if !engine.drain(engine.config().fetch_deadline) {
+        tracing::warn!("fetches still in flight at exit; their write-backs are lost");
+    }
     let s = engine.stats();
     let bytes = end - args.offset;
     eprintln!(

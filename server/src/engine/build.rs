@@ -47,6 +47,7 @@ use super::{FetchError, FetchErrorKind, Shared, bump};
 use crate::cache::{CacheErrorKind, ChunkCache, FillGuard};
 use crate::layout::DataSource;
 use crate::store::StoreErrorKind;
+use crate::store::shared_cache::WriteOutcome;
 
 /// A fetch unit: a frame index (compressed) or a chunk index (uncompressed).
 type UnitKey = (u64, u64);
@@ -87,6 +88,11 @@ impl SessionTable {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Whether a session for `key` is in flight.
+    fn contains(&self, key: UnitKey) -> bool {
+        self.shard(key).index.contains_key(&key)
+    }
+
     /// Sessions in flight.
     pub(crate) fn len(&self) -> usize {
         self.shards
@@ -111,7 +117,7 @@ impl SessionTable {
 
 /// The fetch unit of a session.
 #[derive(Debug, Clone, Copy)]
-enum Unit {
+pub(crate) enum Unit {
     Frame { index: usize, frame: Frame },
     Chunk { index: u64 },
 }
@@ -121,9 +127,9 @@ enum Unit {
 pub(crate) struct Session {
     key: UnitKey,
     file: Arc<BuildFile>,
-    unit: Unit,
+    pub(crate) unit: Unit,
     /// Uncompressed byte range of the unit in the build's data (clamped to the cache size).
-    bytes: Range<u64>,
+    pub(crate) bytes: Range<u64>,
     state: Mutex<State>,
     cond: Condvar,
 }
@@ -137,6 +143,9 @@ struct State {
     active: usize,
     /// Next byte of each running transfer (for request-first joining).
     cursors: Vec<(u64, u64)>,
+    /// The first transfer is looking the whole chunk up in the directory tiers: no other
+    /// transfer may start (it would make the chunk partly claimed and the tier copy unusable).
+    tier_lookup: bool,
     next_run: u64,
     /// Async waiters: (id, byte range wanted, waker).
     waiters: Vec<(u64, Range<u64>, Waker)>,
@@ -274,7 +283,7 @@ impl Session {
     /// transfer and the chunk still misses blocks (the caller continues as a new transfer).
     /// When `hold` is set and this last transfer completed the unit, the session stays in the
     /// table (so the unit is not fetched again meanwhile) until [`leave`](Self::leave).
-    fn end_run(
+    pub(crate) fn end_run(
         &self,
         run: u64,
         result: Result<(), Arc<FetchError>>,
@@ -342,7 +351,7 @@ impl Session {
         self.notify(state);
     }
 
-    fn set_cursor(&self, run: u64, at: u64) {
+    pub(crate) fn set_cursor(&self, run: u64, at: u64) {
         let mut state = self.lock();
         if let Some(c) = state.cursors.iter_mut().find(|(r, _)| *r == run) {
             c.1 = at;
@@ -391,7 +400,9 @@ pub struct BuildFile {
     /// The frame table: the union of the (possibly trimmed) tables of every header that
     /// referenced the build. Read on misses only.
     frames: RwLock<FrameTable>,
-    pub(crate) cache: ChunkCache,
+    pub(crate) cache: Arc<ChunkCache>,
+    /// The data object's local file, when the store is a local directory read with io_uring.
+    local_path: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for BuildFile {
@@ -423,12 +434,18 @@ impl BuildFile {
                 source.file
             )
         })?;
+        let local_path = if shared.uring.is_some() && shared.tiers.is_empty() {
+            shared.store.local_path(&source.object)
+        } else {
+            None
+        };
         Ok(Self {
             shared,
             id,
             frames: RwLock::new(source.frames.clone()),
             source,
-            cache,
+            cache: Arc::new(cache),
+            local_path,
         })
     }
 
@@ -482,7 +499,7 @@ impl BuildFile {
         Ok(())
     }
 
-    fn error(
+    pub(crate) fn error(
         &self,
         unit: &Unit,
         tier: &str,
@@ -566,6 +583,7 @@ impl BuildFile {
         let end = offset.saturating_add(len).min(self.cache.size());
         let mut waits = Vec::new();
         let mut pos = offset;
+        let mut last_miss: Option<Range<u64>> = None;
         while pos < end {
             let (unit, bytes) = self.unit_at(pos)?;
             let want = pos..end.min(bytes.end);
@@ -573,11 +591,52 @@ impl BuildFile {
             if self.cache.all_present(want.start, want.end - want.start) {
                 continue;
             }
-            if let Some(session) = self.session_for(unit, bytes, &want, priority) {
+            if let Some(session) = self.session_for(unit, bytes.clone(), &want, priority) {
                 waits.push((session, want));
+                last_miss = Some(bytes);
             }
         }
+        if priority == Priority::Demand
+            && let Some(missed) = last_miss
+        {
+            self.read_ahead(&missed);
+        }
         Ok(waits)
+    }
+
+    /// Sequential read-ahead: when a demand miss on a unit follows its predecessor (present or
+    /// in flight), the next `readahead_units` units are fetched at prefetch priority, so a
+    /// sequential reader keeps several transfers in flight instead of paying one time to
+    /// first byte per frame. Random access (the predecessor absent) triggers nothing.
+    fn read_ahead(self: &Arc<Self>, missed: &Range<u64>) {
+        let units = self.shared.config.readahead_units;
+        if units == 0 || missed.start == 0 {
+            return;
+        }
+        let Ok((prev_unit, prev)) = self.unit_at(missed.start - 1) else {
+            return;
+        };
+        let sequential = self.cache.all_present(prev.start, prev.end - prev.start)
+            || self.shared.table.contains(self.unit_key(&prev_unit));
+        if !sequential {
+            return;
+        }
+        let mut next = missed.end;
+        for _ in 0..units {
+            if next >= self.cache.size() {
+                break;
+            }
+            let Ok((unit, bytes)) = self.unit_at(next) else {
+                break;
+            };
+            if !self.cache.all_present(bytes.start, bytes.end - bytes.start)
+                && !self.shared.table.contains(self.unit_key(&unit))
+            {
+                let _ = self.session_for(unit, bytes.clone(), &bytes, Priority::Prefetch);
+                bump(&self.shared.counters.readahead, 1);
+            }
+            next = bytes.end;
+        }
     }
 
     /// The session of `unit`, creating it (and starting its transfer) if needed.
@@ -619,6 +678,7 @@ impl BuildFile {
             state: Mutex::new(State {
                 active: 1,
                 cursors: vec![(0, start)],
+                tier_lookup: matches!(unit, Unit::Chunk { .. }) && !self.shared.tiers.is_empty(),
                 next_run: 1,
                 ..State::default()
             }),
@@ -649,7 +709,11 @@ impl BuildFile {
         };
         let at = block * self.cache.block_size();
         let mut state = session.lock();
-        if state.failed.is_some() || state.finished || state.active >= config.max_runs_per_chunk {
+        if state.failed.is_some()
+            || state.finished
+            || state.tier_lookup
+            || state.active >= config.max_runs_per_chunk
+        {
             return;
         }
         let bs = self.cache.block_size();
@@ -675,6 +739,33 @@ impl BuildFile {
             start,
             used: AtomicBool::new(false),
         };
+        if let (Some(path), Some(workers)) = (&self.local_path, &self.shared.uring) {
+            // Local store: the unit's owner core reads it with io_uring. A refused task is
+            // dropped with its ticket, which fails the session.
+            let core = owner(session.key, workers.workers());
+            let (file, path) = (Arc::clone(self), path.clone());
+            let compression = self.compression();
+            let _ = workers.spawn_on(core, move || async move {
+                let ticket = ticket;
+                ticket
+                    .used
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                let session = &ticket.session;
+                match session.unit {
+                    Unit::Frame { index, frame } => {
+                        let res = file
+                            .fetch_frame_local(index, frame, compression, &path)
+                            .await;
+                        let _ = session.end_run(ticket.run, res, session.bytes.end);
+                    }
+                    Unit::Chunk { index } => {
+                        file.run_chunk_local(session, index, ticket.run, ticket.start, &path)
+                            .await;
+                    }
+                }
+            });
+            return;
+        }
         let job = Box::new(move || {
             ticket
                 .used
@@ -694,6 +785,14 @@ impl BuildFile {
         });
         // A refused job is dropped, and its ticket fails the session.
         let _ = self.shared.pool.submit(priority, job);
+    }
+
+    /// The codec of the data object.
+    fn compression(&self) -> thaw_codec::CompressionType {
+        self.frames
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .compression()
     }
 
     // ---- compressed frames ------------------------------------------------------------------
@@ -871,7 +970,8 @@ impl BuildFile {
                 .cache
                 .put_frame(&self.source.object, frame.start_c, bytes)
             {
-                Ok(_) => bump(&self.shared.counters.writebacks, 1),
+                Ok(WriteOutcome::Written) => bump(&self.shared.counters.writebacks, 1),
+                Ok(_) => {}
                 Err(e) => tracing::warn!(tier = tier.name, error = %e, "frame write-back failed"),
             }
         }
@@ -889,7 +989,9 @@ impl BuildFile {
         loop {
             let res = if first && run == 0 {
                 first = false;
-                match self.chunk_from_tiers(session, index) {
+                let from_tier = self.chunk_from_tiers(session, index);
+                session.lock().tier_lookup = false;
+                match from_tier {
                     Some(r) => r.map(|()| session.bytes.end),
                     None => self.stream_chunk_retrying(session, &unit, run, at, deadline),
                 }
@@ -934,7 +1036,8 @@ impl BuildFile {
                     .cache
                     .put_chunk(&self.source.object, index, CHUNK_SIZE, bytes)
                 {
-                    Ok(_) => bump(&self.shared.counters.writebacks, 1),
+                    Ok(WriteOutcome::Written) => bump(&self.shared.counters.writebacks, 1),
+                    Ok(_) => {}
                     Err(e) => {
                         tracing::warn!(tier = tier.name, error = %e, "chunk write-back failed")
                     }
@@ -1153,6 +1256,14 @@ impl BuildFile {
             )),
         }
     }
+}
+
+/// The owner core of a unit among `n` workers.
+fn owner(key: UnitKey, n: usize) -> usize {
+    let mut h = std::hash::DefaultHasher::new();
+    key.hash(&mut h);
+    let n64 = u64::try_from(n.max(1)).unwrap_or(1);
+    usize::try_from(h.finish() % n64).unwrap_or(0)
 }
 
 /// What a reader waits for: sessions and the byte range wanted from each.

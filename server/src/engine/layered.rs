@@ -2,6 +2,7 @@
 //! mappings into segments (zeros for nil mappings, which fetch nothing, or a range of some
 //! build's data), served from that build's cache, fetching what is missing.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Instant;
 
@@ -98,6 +99,9 @@ pub struct LayeredFile {
     slots: Vec<Slot>,
     /// Per mapping: the index of its build in `slots`, `None` for nil mappings.
     mapping_slot: Vec<Option<usize>>,
+    /// The mapping of the last lookup that needed a search (reads cluster: most lookups hit
+    /// it and skip the binary search). Written only when it changes.
+    hint: AtomicUsize,
 }
 
 impl LayeredFile {
@@ -137,6 +141,7 @@ impl LayeredFile {
             legacy: loaded.legacy,
             slots,
             mapping_slot,
+            hint: AtomicUsize::new(0),
         })
     }
 
@@ -181,9 +186,9 @@ impl LayeredFile {
     fn walk(&self, offset: u64, len: u64, mut f: impl FnMut(usize, u64, u64, u64) -> bool) -> bool {
         let end = offset + len;
         let maps = &self.header.mappings;
-        let mut i = maps
-            .partition_point(|m| m.offset <= offset)
-            .saturating_sub(1);
+        let Some(mut i) = self.mapping_index(offset) else {
+            return false;
+        };
         let mut pos = offset;
         while pos < end {
             let Some(m) = maps.get(i) else {
@@ -253,17 +258,27 @@ impl LayeredFile {
         Ok(slot.opened.get_or_init(|| opened))
     }
 
+    /// Opens every build the header references now (each at most one metadata request to the
+    /// store), so that later [`request`](Self::request)s do no store I/O on the calling thread:
+    /// the UFFD fault thread calls `request` and must not wait for the store.
+    ///
+    /// # Errors
+    /// [`ReadError::Open`] for a build whose data cannot be found or described.
+    pub fn open_all(&self) -> Result<(), ReadError> {
+        for s in 0..self.slots.len() {
+            self.slot_file(s)?;
+        }
+        Ok(())
+    }
+
     /// Zero-copy hit: the bytes if the range lies inside one mapping and is present (or nil).
     /// No lock, no allocation. `None` otherwise (a miss, or several mappings).
     #[inline]
     pub fn try_get(&self, offset: u64, len: usize) -> Option<&[u8]> {
         let len64 = u64::try_from(len).ok()?;
         self.check(offset, len64).ok()?;
-        let maps = &self.header.mappings;
-        let i = maps
-            .partition_point(|m| m.offset <= offset)
-            .checked_sub(1)?;
-        let m = maps.get(i)?;
+        let i = self.mapping_index(offset)?;
+        let m = self.header.mappings.get(i)?;
         if offset.checked_add(len64)? > m.end() {
             return None;
         }
@@ -275,6 +290,25 @@ impl LayeredFile {
                     .get(m.build_storage_offset + (offset - m.offset), len)
             }
         }
+    }
+
+    /// The index of the mapping holding device byte `offset`: the hint if it holds it, else a
+    /// binary search (which updates the hint).
+    #[inline]
+    fn mapping_index(&self, offset: u64) -> Option<usize> {
+        let maps = &self.header.mappings;
+        let hint = self.hint.load(Ordering::Relaxed);
+        if let Some(m) = maps.get(hint)
+            && m.offset <= offset
+            && offset < m.end()
+        {
+            return Some(hint);
+        }
+        let i = maps
+            .partition_point(|m| m.offset <= offset)
+            .checked_sub(1)?;
+        self.hint.store(i, Ordering::Relaxed);
+        Some(i)
     }
 
     /// Copies what is present; returns whether the whole range was.
@@ -330,7 +364,6 @@ impl LayeredFile {
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), ReadError> {
         self.check(offset, buf.len() as u64)?;
         if self.copy_present(offset, buf) {
-            bump(&self.shared.counters.hits, 1);
             return Ok(());
         }
         bump(&self.shared.counters.misses, 1);
@@ -352,7 +385,6 @@ impl LayeredFile {
     pub async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), ReadError> {
         self.check(offset, buf.len() as u64)?;
         if self.copy_present(offset, buf) {
-            bump(&self.shared.counters.hits, 1);
             return Ok(());
         }
         bump(&self.shared.counters.misses, 1);
@@ -375,7 +407,6 @@ impl LayeredFile {
         let len64 = len as u64;
         self.check(offset, len64)?;
         if let Some(b) = self.borrow(offset, len) {
-            bump(&self.shared.counters.hits, 1);
             return Ok(b);
         }
         if self.segments_count(offset, len64) == 1 {
@@ -402,7 +433,6 @@ impl LayeredFile {
         let len64 = len as u64;
         self.check(offset, len64)?;
         if let Some(b) = self.borrow(offset, len) {
-            bump(&self.shared.counters.hits, 1);
             return Ok(b);
         }
         if self.segments_count(offset, len64) == 1 {
@@ -422,11 +452,8 @@ impl LayeredFile {
     }
 
     fn borrow(&self, offset: u64, len: usize) -> Option<ReadBuf<'_>> {
-        let maps = &self.header.mappings;
-        let i = maps
-            .partition_point(|m| m.offset <= offset)
-            .checked_sub(1)?;
-        let m = maps.get(i)?;
+        let i = self.mapping_index(offset)?;
+        let m = self.header.mappings.get(i)?;
         if offset.checked_add(len as u64)? > m.end() {
             return None;
         }

@@ -21,6 +21,7 @@
 mod build;
 mod callback;
 mod layered;
+mod local;
 mod pool;
 mod prefetch;
 
@@ -70,8 +71,14 @@ pub struct EngineConfig {
     pub join_window: u64,
     /// Most concurrent transfers filling one uncompressed chunk.
     pub max_runs_per_chunk: usize,
+    /// Sequential read-ahead: units (frames or chunks) fetched ahead of a demand miss that
+    /// follows its predecessor. 0 disables it.
+    pub readahead_units: usize,
     /// Number of session-table shards (each frame has an owner shard); 0 = one per core.
     pub shards: usize,
+    /// Read a local-directory store (`file://`) with io_uring on the process's I/O workers,
+    /// straight into cache memory, instead of `pread` on the fetch threads.
+    pub uring_local: bool,
     /// A local directory frame/chunk cache (e2b's file names and write protocol), checked first.
     pub cache_dir: Option<PathBuf>,
     /// The shared directory cache (an NFS mount in production), checked after `cache_dir`.
@@ -88,7 +95,9 @@ impl Default for EngineConfig {
             prefetch_concurrency: 8,
             join_window: 512 * 1024,
             max_runs_per_chunk: 8,
+            readahead_units: 2,
             shards: 0,
+            uring_local: true,
             cache_dir: None,
             shared_cache: None,
         }
@@ -170,9 +179,8 @@ impl ReadError {
 /// Counters of the engine (monotonic, relaxed).
 #[derive(Debug, Default)]
 pub struct EngineCounters {
-    /// Reads answered entirely from memory (or zeros).
-    pub hits: AtomicU64,
-    /// Reads that waited for at least one fetch.
+    /// Reads that waited for at least one fetch (hits are not counted here: the hit path
+    /// touches no shared cache line; callers count their requests).
     pub misses: AtomicU64,
     /// Fetch sessions started (frames or chunks).
     pub sessions: AtomicU64,
@@ -194,6 +202,8 @@ pub struct EngineCounters {
     pub fetch_errors: AtomicU64,
     /// Transfers retried after a transient failure.
     pub retries: AtomicU64,
+    /// Units fetched ahead of sequential readers.
+    pub readahead: AtomicU64,
     /// Uncompressed bytes made present in the caches.
     pub filled_bytes: AtomicU64,
 }
@@ -201,8 +211,6 @@ pub struct EngineCounters {
 /// A snapshot of [`EngineCounters`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct EngineStats {
-    /// See [`EngineCounters::hits`].
-    pub hits: u64,
     /// See [`EngineCounters::misses`].
     pub misses: u64,
     /// See [`EngineCounters::sessions`].
@@ -225,6 +233,8 @@ pub struct EngineStats {
     pub fetch_errors: u64,
     /// See [`EngineCounters::retries`].
     pub retries: u64,
+    /// See [`EngineCounters::readahead`].
+    pub readahead: u64,
     /// See [`EngineCounters::filled_bytes`].
     pub filled_bytes: u64,
 }
@@ -233,7 +243,6 @@ impl EngineCounters {
     fn snapshot(&self) -> EngineStats {
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
         EngineStats {
-            hits: l(&self.hits),
             misses: l(&self.misses),
             sessions: l(&self.sessions),
             joined: l(&self.joined),
@@ -245,6 +254,7 @@ impl EngineCounters {
             writebacks: l(&self.writebacks),
             fetch_errors: l(&self.fetch_errors),
             retries: l(&self.retries),
+            readahead: l(&self.readahead),
             filled_bytes: l(&self.filled_bytes),
         }
     }
@@ -272,6 +282,8 @@ pub(crate) struct Shared {
     pub(crate) config: EngineConfig,
     pub(crate) table: SessionTable,
     pub(crate) pool: FetchPool,
+    /// The io_uring workers reading a local-directory store (see `local.rs`).
+    pub(crate) uring: Option<crate::runtime::Handle>,
     pub(crate) counters: EngineCounters,
     /// Open build files (one cache per build file per process).
     builds: Mutex<HashMap<(BuildId, FileKind), Weak<BuildFile>>>,
@@ -315,6 +327,12 @@ impl Engine {
             config.shards
         };
         let pool = FetchPool::new(config.fetch_threads, config.prefetch_concurrency);
+        let uring = if config.uring_local && tiers.is_empty() && store.local_path("probe").is_some()
+        {
+            local::workers()
+        } else {
+            None
+        };
         Ok(Self {
             shared: Arc::new(Shared {
                 store,
@@ -322,6 +340,7 @@ impl Engine {
                 tiers,
                 table: SessionTable::new(shards),
                 pool,
+                uring,
                 counters: EngineCounters::default(),
                 builds: Mutex::new(HashMap::new()),
                 next_file_id: AtomicU64::new(1),
@@ -343,6 +362,23 @@ impl Engine {
     /// Counters.
     pub fn stats(&self) -> EngineStats {
         self.shared.counters.snapshot()
+    }
+
+    /// Waits until no fetch session is in flight (transfers finished, write-backs to the
+    /// directory tiers done), at most `timeout`. Returns whether it drained. Call it before the
+    /// process exits, so no write-back is cut short (which would leave a temp and a lock file
+    /// and lose the cached copy).
+    pub fn drain(&self, timeout: Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if self.shared.table.len() == 0 {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
     }
 
     /// Fetch threads started so far.

@@ -200,6 +200,10 @@ impl Store for FileStore {
         Ok(done)
     }
 
+    fn local_path(&self, key: &str) -> Option<PathBuf> {
+        self.path(key).ok()
+    }
+
     fn stat(&self, key: &str) -> Result<ObjectInfo, StoreError> {
         let file = self.open(key)?;
         let size = file

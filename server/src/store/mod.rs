@@ -276,6 +276,13 @@ pub trait Store: Send + Sync + fmt::Debug {
         Ok(len)
     }
 
+    /// The local file holding object `key`, for stores that are a local directory (the engine
+    /// then reads it with io_uring, straight into cache memory). `None` for every other store.
+    fn local_path(&self, key: &str) -> Option<PathBuf> {
+        let _ = key;
+        None
+    }
+
     /// Size (and e2b's `uncompressed-size` metadata / file-store sidecar, when present).
     fn stat(&self, key: &str) -> Result<ObjectInfo, StoreError>;
 

@@ -147,6 +147,8 @@ pub struct TestSource {
     mode: FetchMode,
     fetches: Vec<AtomicU32>,
     pub lookups: AtomicU64,
+    /// Answer present pages with an owned staging copy ([`Lookup::Owned`]) instead of a pointer.
+    pub owned: AtomicBool,
     gate: Arc<(Mutex<bool>, Condvar)>,
 }
 
@@ -174,6 +176,7 @@ impl TestSource {
             mode,
             fetches: (0..pages).map(|_| AtomicU32::new(0)).collect(),
             lookups: AtomicU64::new(0),
+            owned: AtomicBool::new(false),
             gate: Arc::new((Mutex::new(false), Condvar::new())),
         })
     }
@@ -214,6 +217,11 @@ impl PageSource for TestSource {
         let i = (offset / self.page_size) as usize;
         if self.zero[i] {
             Lookup::Zero
+        } else if self.present[i].load(Ordering::SeqCst) && self.owned.load(Ordering::SeqCst) {
+            let mut buf = thaw_uffd::PageBuf::zeroed(len as usize);
+            buf.as_mut_slice()
+                .copy_from_slice(&self.data.read(offset as usize, len as usize));
+            Lookup::Owned(buf)
         } else if self.present[i].load(Ordering::SeqCst) {
             // SAFETY: `offset < size`, inside the source mapping.
             Lookup::Ready(self.data.ptr().wrapping_add(offset as usize).cast_const())

@@ -1,0 +1,124 @@
+//! `thaw uffd`: serve a VM's memory (Firecracker's UFFD snapshot backend) from a build's memfile
+//! through the engine.
+
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use thaw_codec::{BuildId, FileKind};
+use thaw_uffd::HandlerConfig;
+
+use super::engine_args::{EngineArgs, parse_duration};
+use crate::uffd::{UffdOptions, serve_uffd};
+
+/// Help text.
+pub const LONG_ABOUT: &str = "Serve a VM's memory to Firecracker (mem_backend \
+{backend_type: \"Uffd\", backend_path: SOCKET}) from a build's memfile through the engine: \
+listen on SOCKET, accept Firecracker's handshake (region JSON + userfaultfd), then answer every \
+page fault from the layered store (a cache hit is one UFFDIO_COPY straight from the cache \
+memory; a miss fetches the frame once). Exits 0 when the VM goes away. If a page cannot be \
+produced (after the retries), Firecracker is SIGKILLed and the command exits non-zero naming the \
+page and the cause: a VM is never given unknown data. With --prefetch, the build's recorded \
+first-touch order (metadata.json prefetch.memory) is fetched in the background at low priority \
+and installed before the guest touches it. A summary goes to stderr at exit.";
+
+/// `thaw uffd` options.
+#[derive(Debug, Args)]
+pub struct UffdArgs {
+    #[command(flatten)]
+    pub engine: EngineArgs,
+
+    /// The build id (a UUID) to resume.
+    #[arg(long)]
+    pub build: BuildId,
+
+    /// The unix socket to listen on (Firecracker's mem_backend.backend_path). A stale socket
+    /// file is replaced; any other existing file is an error.
+    #[arg(long, value_name = "PATH")]
+    pub socket: PathBuf,
+
+    /// The file to serve.
+    #[arg(long, default_value = "memfile")]
+    pub file: FileKind,
+
+    /// Warm and prefault the build's recorded prefetch plan in the background.
+    #[arg(long)]
+    pub prefetch: bool,
+
+    /// Prefetch worker threads.
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    pub prefetch_threads: usize,
+
+    /// How long to wait for Firecracker to connect and send its handshake.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub handshake_timeout: Duration,
+
+    /// Fetch attempts of one page before failing closed (each attempt is itself retried by the
+    /// engine --fetch-retries times).
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    pub page_attempts: u32,
+}
+
+/// Runs `thaw uffd`.
+pub fn run(args: &UffdArgs) -> anyhow::Result<()> {
+    let engine = args.engine.engine()?;
+    let listener = bind(&args.socket)?;
+    let _cleanup = RemoveOnDrop(&args.socket);
+    let options = UffdOptions {
+        file: args.file,
+        handshake_timeout: args.handshake_timeout,
+        kill_peer_on_handshake_error: true,
+        handler: HandlerConfig {
+            fetch_attempts: args.page_attempts.max(1),
+            ..HandlerConfig::default()
+        },
+        prefetch: args.prefetch,
+        prefetch_concurrency: args.prefetch_threads.max(1),
+    };
+    let server = serve_uffd(&engine, args.build, &listener, &options)?;
+    drop(listener);
+    tracing::info!(peer = server.peer().pid, build = %args.build, "UFFD handshake done; serving");
+    let report = server.join();
+    eprintln!("{}", report.summary());
+    match report.result {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            let killed = if e.peer_killed() {
+                format!("; Firecracker (pid {}) was killed", report.peer.pid)
+            } else {
+                String::new()
+            };
+            Err(anyhow::Error::new(e).context(format!(
+                "serving the memory of build {} ({}){killed}",
+                args.build, args.file
+            )))
+        }
+    }
+}
+
+/// Binds `path`, replacing a stale socket file (never another kind of file).
+fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            anyhow::bail!("{} exists and is not a socket", path.display());
+        }
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            anyhow::bail!("{} is in use by another handler", path.display());
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing the stale socket {}", path.display()))?;
+    }
+    UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))
+}
+
+/// Removes the socket file when the command ends.
+struct RemoveOnDrop<'a>(&'a Path);
+
+impl Drop for RemoveOnDrop<'_> {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(self.0);
+    }
+}

@@ -1,0 +1,666 @@
+//! The UFFD memory handler over the engine: [`EngineSource`] answers `thaw-uffd`'s page lookups
+//! and fetches from a [`LayeredFile`] (the memfile), and [`serve_uffd`] runs one VM's handler:
+//! handshake, fault loop, optional prefetch, summary.
+//!
+//! ```text
+//! fault (4 KiB or 2 MiB page)
+//!   one header mapping:  nil -> Zero (ZEROPAGE / zero buffer)
+//!                        present -> Ready(pointer into the build's cache memory): UFFDIO_COPY
+//!                                   straight from the cache, no copy in this process
+//!   several mappings (a 2 MiB page over up to 512 4 KiB mappings):
+//!                        all nil -> Zero; all present -> Owned(aligned staging page assembled
+//!                        from the pieces, alive until the copy is done)
+//!   anything missing  -> Missing: LayeredFile::request (non-blocking; completion on a fetch
+//!                        thread, which installs the page)
+//! ```
+//!
+//! Prefetch (`prefetch.memory` of the build's `metadata.json`, e2b's recorded first-touch
+//! order): worker threads warm each page in the engine at prefetch priority (demand transfers go
+//! first in the fetch pool; a frame wanted by both is fetched once), then *prefault* it with
+//! [`thaw_uffd::Prefaulter`]: installed only if the guest has not touched it yet, claimed in the
+//! handler's page state before the copy, so each page is written into the guest once.
+
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixListener;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use thaw_codec::{BuildId, FileKind};
+use thaw_uffd::{
+    Exit, FaultHandler, FetchDone, FetchError, HandlerConfig, HandshakeConfig, Lookup,
+    MetricsSnapshot, PAGE_BUF_ALIGN, PageBuf, PageSource, PeerCred, Prefault, Prefaulter,
+    UffdError,
+};
+
+use crate::engine::{Engine, EngineStats, LayeredFile, PrefetchPlan, load_prefetch_plan};
+
+/// A [`LayeredFile`] as a [`PageSource`].
+#[derive(Debug)]
+pub struct EngineSource {
+    file: Arc<LayeredFile>,
+    staged: AtomicU64,
+}
+
+impl EngineSource {
+    /// A source over `file` (the memfile of the build being resumed).
+    pub fn new(file: Arc<LayeredFile>) -> Self {
+        Self {
+            file,
+            staged: AtomicU64::new(0),
+        }
+    }
+
+    /// The file.
+    pub fn file(&self) -> &Arc<LayeredFile> {
+        &self.file
+    }
+
+    /// Pages handed out as assembled staging copies (pages over several mappings).
+    pub fn staged_pages(&self) -> u64 {
+        self.staged.load(Ordering::Relaxed)
+    }
+
+    /// A page over several mappings (or, defensively, a borrow that is not 4 KiB-aligned):
+    /// zeros if every piece is nil, an assembled copy if every piece is present.
+    fn assemble(&self, offset: u64, len: usize) -> Lookup {
+        let len64 = len as u64;
+        let Ok(segments) = self.file.segments(offset, len64) else {
+            return Lookup::Missing;
+        };
+        if segments
+            .iter()
+            .all(|s| matches!(s, crate::engine::Segment::Zeros { .. }))
+        {
+            return Lookup::Zero;
+        }
+        if !self.file.is_present(offset, len64) {
+            return Lookup::Missing;
+        }
+        let mut buf = PageBuf::zeroed(len);
+        // Everything is present (and present bytes never change): this is a copy, not a wait.
+        match self.file.read_at(offset, buf.as_mut_slice()) {
+            Ok(()) => {
+                self.staged.fetch_add(1, Ordering::Relaxed);
+                Lookup::Owned(buf)
+            }
+            Err(_) => Lookup::Missing,
+        }
+    }
+}
+
+impl PageSource for EngineSource {
+    fn size(&self) -> u64 {
+        self.file.size()
+    }
+
+    fn lookup(&self, offset: u64, len: u64) -> Lookup {
+        let Ok(n) = usize::try_from(len) else {
+            return Lookup::Missing;
+        };
+        let maps = &self.file.header().mappings;
+        let Some(m) = maps
+            .partition_point(|m| m.offset <= offset)
+            .checked_sub(1)
+            .and_then(|i| maps.get(i))
+        else {
+            return Lookup::Missing;
+        };
+        if offset.saturating_add(len) > m.end() {
+            return self.assemble(offset, n);
+        }
+        if m.is_nil() {
+            return Lookup::Zero;
+        }
+        match self.file.try_get(offset, n) {
+            // The common case: the kernel copies straight from the cache memory (2 MiB-aligned,
+            // and mappings are 4 KiB-aligned in it). Present bytes stay put while `file` lives,
+            // and `self` owns `file`.
+            Some(b) if (b.as_ptr() as usize).is_multiple_of(PAGE_BUF_ALIGN) => {
+                Lookup::Ready(b.as_ptr())
+            }
+            Some(_) => self.assemble(offset, n),
+            None => Lookup::Missing,
+        }
+    }
+
+    fn fetch(&self, offset: u64, len: u64, done: FetchDone) {
+        self.file.request(offset, len, move |r| {
+            done(r.map_err(|e| FetchError(e.to_string())));
+        });
+    }
+}
+
+/// Settings of [`serve_uffd`].
+#[derive(Debug, Clone)]
+pub struct UffdOptions {
+    /// The build file to serve (the memfile).
+    pub file: FileKind,
+    /// Deadline for Firecracker to connect and send its handshake.
+    pub handshake_timeout: Duration,
+    /// SIGKILL the peer when the handshake fails (it would hang forever without a handler).
+    pub kill_peer_on_handshake_error: bool,
+    /// The fault loop's settings (fetch attempts, backoff, EAGAIN budget, kill on failure).
+    pub handler: HandlerConfig,
+    /// Warm and prefault the build's recorded prefetch plan (`metadata.json`).
+    pub prefetch: bool,
+    /// Prefetch worker threads (pages warmed at once).
+    pub prefetch_concurrency: usize,
+}
+
+impl Default for UffdOptions {
+    fn default() -> Self {
+        Self {
+            file: FileKind::Memfile,
+            handshake_timeout: Duration::from_secs(10),
+            kill_peer_on_handshake_error: true,
+            handler: HandlerConfig::default(),
+            prefetch: false,
+            prefetch_concurrency: 8,
+        }
+    }
+}
+
+/// Progress of a prefetch, in pages of the guest's page size.
+#[derive(Debug, Default)]
+struct PrefetchCounters {
+    total: AtomicU64,
+    warmed: AtomicU64,
+    prefaulted: AtomicU64,
+    skipped: AtomicU64,
+    failed: AtomicU64,
+}
+
+/// A snapshot of the prefetch's progress.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PrefetchReport {
+    /// Pages in the plan (deduplicated, inside the file).
+    pub total: u64,
+    /// Pages made present in the engine's cache.
+    pub warmed: u64,
+    /// Pages installed into the guest before it touched them.
+    pub prefaulted: u64,
+    /// Pages the guest (a demand fault) got to first, or a pending mapping change deferred.
+    pub skipped: u64,
+    /// Pages whose warm-up or prefault failed (demand faults fetch them again).
+    pub failed: u64,
+}
+
+impl PrefetchCounters {
+    fn report(&self) -> PrefetchReport {
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        PrefetchReport {
+            total: l(&self.total),
+            warmed: l(&self.warmed),
+            prefaulted: l(&self.prefaulted),
+            skipped: l(&self.skipped),
+            failed: l(&self.failed),
+        }
+    }
+}
+
+/// Where prefetch workers get the prefaulter from once the handshake is done.
+#[derive(Clone)]
+enum Target {
+    Waiting,
+    Ready(Prefaulter<EngineSource>),
+    /// Warm the cache only (the guest's page size does not match the plan's pages).
+    WarmOnly,
+    Cancelled,
+}
+
+struct Prefetcher {
+    counters: Arc<PrefetchCounters>,
+    cancel: Arc<AtomicBool>,
+    target: Arc<(Mutex<Target>, Condvar)>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Prefetcher {
+    /// Starts warming `pages` (file offsets, in order) at once; prefaults wait for
+    /// [`set_target`](Self::set_target).
+    fn start(file: &Arc<LayeredFile>, pages: Vec<u64>, page_size: u64, workers: usize) -> Self {
+        let counters = Arc::new(PrefetchCounters::default());
+        counters.total.store(pages.len() as u64, Ordering::Relaxed);
+        let cancel = Arc::new(AtomicBool::new(false));
+        let target = Arc::new((Mutex::new(Target::Waiting), Condvar::new()));
+        let next = Arc::new(AtomicU64::new(0));
+        let pages = Arc::new(pages);
+        let threads = (0..workers.max(1))
+            .filter_map(|_| {
+                let ctx = Worker {
+                    file: Arc::clone(file),
+                    pages: Arc::clone(&pages),
+                    next: Arc::clone(&next),
+                    page_size,
+                    counters: Arc::clone(&counters),
+                    cancel: Arc::clone(&cancel),
+                    target: Arc::clone(&target),
+                };
+                std::thread::Builder::new()
+                    .name("thaw-uffd-prefetch".into())
+                    .spawn(move || ctx.run())
+                    .map_err(|e| tracing::warn!(error = %e, "could not start a prefetch thread"))
+                    .ok()
+            })
+            .collect();
+        Self {
+            counters,
+            cancel,
+            target,
+            threads,
+        }
+    }
+
+    fn set_target(&self, t: Target) {
+        let (m, c) = &*self.target;
+        *m.lock().unwrap_or_else(PoisonError::into_inner) = t;
+        c.notify_all();
+    }
+
+    fn cancel(&self) {
+        self.cancel.store(true, Ordering::Relaxed);
+        self.set_target(Target::Cancelled);
+    }
+
+    fn is_done(&self) -> bool {
+        self.threads.iter().all(JoinHandle::is_finished)
+    }
+
+    fn join(mut self) -> PrefetchReport {
+        for t in std::mem::take(&mut self.threads) {
+            let _ = t.join();
+        }
+        self.counters.report()
+    }
+}
+
+impl Drop for Prefetcher {
+    /// A server dropped without `join` (or a failed start) leaves no worker warming or waiting.
+    fn drop(&mut self) {
+        self.cancel();
+    }
+}
+
+struct Worker {
+    file: Arc<LayeredFile>,
+    pages: Arc<Vec<u64>>,
+    next: Arc<AtomicU64>,
+    page_size: u64,
+    counters: Arc<PrefetchCounters>,
+    cancel: Arc<AtomicBool>,
+    target: Arc<(Mutex<Target>, Condvar)>,
+}
+
+impl Worker {
+    fn run(self) {
+        let bump = |a: &AtomicU64| {
+            a.fetch_add(1, Ordering::Relaxed);
+        };
+        while !self.cancel.load(Ordering::Relaxed) {
+            let i = self.next.fetch_add(1, Ordering::Relaxed);
+            let Some(&offset) = usize::try_from(i).ok().and_then(|i| self.pages.get(i)) else {
+                return;
+            };
+            if let Err(e) = self.file.prefetch_blocking(offset, self.page_size) {
+                bump(&self.counters.failed);
+                tracing::warn!(offset, error = %e, "UFFD prefetch: warming failed");
+                continue;
+            }
+            bump(&self.counters.warmed);
+            let prefaulter = match self.target() {
+                Target::Ready(p) => p,
+                Target::WarmOnly => continue,
+                Target::Waiting | Target::Cancelled => return,
+            };
+            match prefaulter.prefault(offset) {
+                Ok(Prefault::Installed) => bump(&self.counters.prefaulted),
+                Ok(Prefault::Skipped(_) | Prefault::Busy) => bump(&self.counters.skipped),
+                Ok(Prefault::NotReady) => {
+                    // Warmed but not there: the source and the engine disagree. Demand faults
+                    // will fetch it again; count it and go on.
+                    bump(&self.counters.failed);
+                    tracing::warn!(offset, "UFFD prefetch: page still missing after warm-up");
+                }
+                Ok(Prefault::Ended) => {
+                    self.cancel.store(true, Ordering::Relaxed);
+                    return;
+                }
+                Err(e) => {
+                    bump(&self.counters.failed);
+                    tracing::warn!(error = %e, "UFFD prefetch: prefault failed; prefetch stopped");
+                    self.cancel.store(true, Ordering::Relaxed);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Waits for the handshake (or cancellation).
+    fn target(&self) -> Target {
+        let (m, c) = &*self.target;
+        let t = m.lock().unwrap_or_else(PoisonError::into_inner);
+        let t = c
+            .wait_while(t, |t| matches!(t, Target::Waiting))
+            .unwrap_or_else(PoisonError::into_inner);
+        t.clone()
+    }
+}
+
+/// The pages (file offsets, deduplicated, in plan order) that `plan` names, in pages of
+/// `page_size` bytes of a file of `size` bytes. A plan block larger than a page names every page
+/// in it; smaller blocks name the page that holds them.
+pub fn plan_pages(plan: &PrefetchPlan, page_size: u64, size: u64) -> Vec<u64> {
+    let pages = size.div_ceil(page_size.max(1));
+    let mut seen = vec![false; usize::try_from(pages).unwrap_or(0)];
+    let mut out = Vec::new();
+    for &idx in &plan.indices {
+        let Some(start) = idx.checked_mul(plan.block_size) else {
+            continue;
+        };
+        let end = start.saturating_add(plan.block_size).min(size);
+        let mut page = start / page_size;
+        while page * page_size < end {
+            if let Some(s) = usize::try_from(page).ok().and_then(|p| seen.get_mut(p))
+                && !*s
+            {
+                *s = true;
+                out.push(page * page_size);
+            }
+            page += 1;
+        }
+    }
+    out
+}
+
+/// How a served VM ended, with everything measured.
+#[derive(Debug)]
+pub struct UffdReport {
+    /// The fault loop's end: the peer went away / was stopped, or the failure (the peer was
+    /// SIGKILLed if configured).
+    pub result: Result<Exit, UffdError>,
+    /// The handler's counters.
+    pub metrics: MetricsSnapshot,
+    /// The prefetch's progress (all zero without prefetch).
+    pub prefetch: Option<PrefetchReport>,
+    /// The engine's counters at the end.
+    pub engine: EngineStats,
+    /// Pages served as assembled copies (over several mappings).
+    pub staged_pages: u64,
+    /// Time from the handshake to the end.
+    pub elapsed: Duration,
+    /// The peer.
+    pub peer: PeerCred,
+}
+
+impl UffdReport {
+    /// One line for the log.
+    pub fn summary(&self) -> String {
+        let m = &self.metrics;
+        let q = |x: f64| {
+            m.fetch_latency_quantile(x)
+                .map_or_else(|| "-".to_owned(), |d| format!("{d:?}"))
+        };
+        let how = match &self.result {
+            Ok(Exit::PeerGone) => "peer gone".to_owned(),
+            Ok(Exit::Stopped) => "stopped".to_owned(),
+            Err(e) => format!("failed ({})", e.kind()),
+        };
+        let mut s = format!(
+            "uffd: peer pid {} served {:.3} s, {how}; faults {} missing ({} write, {} deduped), {} write-protect; \
+             installed {} copies ({} KiB, {} staged), {} zero; eexist {}, eagain {}, removed {} pages; \
+             fetches {} (p50 <= {}, p90 <= {}, p99 <= {}), {} retries, {} failed",
+            self.peer.pid,
+            self.elapsed.as_secs_f64(),
+            m.faults_missing,
+            m.faults_write,
+            m.faults_deduped,
+            m.faults_wp,
+            m.copies,
+            m.bytes_copied / 1024,
+            self.staged_pages,
+            m.zero_installs,
+            m.eexist,
+            m.eagain,
+            m.removed_pages,
+            m.fetches,
+            q(0.5),
+            q(0.9),
+            q(0.99),
+            m.fetch_retries,
+            m.fetch_failures,
+        );
+        if let Some(p) = &self.prefetch {
+            s.push_str(&format!(
+                "; prefetch {}/{} pages warmed, {} prefaulted ({} KiB), {} taken by faults first, {} failed",
+                p.warmed,
+                p.total,
+                p.prefaulted,
+                m.prefault_bytes / 1024,
+                p.skipped,
+                p.failed
+            ));
+        }
+        let e = &self.engine;
+        s.push_str(&format!(
+            "; store {} requests ({} KiB), {} retries, {} errors",
+            e.store_requests,
+            e.store_bytes / 1024,
+            e.retries,
+            e.fetch_errors
+        ));
+        s
+    }
+}
+
+/// A VM being served by [`serve_uffd`].
+pub struct UffdServer {
+    handler: FaultHandler<EngineSource>,
+    source: Arc<EngineSource>,
+    prefetch: Option<Prefetcher>,
+    engine: Engine,
+    peer: PeerCred,
+    memfd: Option<OwnedFd>,
+    started: Instant,
+}
+
+impl std::fmt::Debug for UffdServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UffdServer")
+            .field("peer", &self.peer)
+            .field("handler", &self.handler)
+            .finish_non_exhaustive()
+    }
+}
+
+impl UffdServer {
+    /// The fault handler (page states, dirty pages, metrics).
+    pub fn handler(&self) -> &FaultHandler<EngineSource> {
+        &self.handler
+    }
+
+    /// The page source (the served file).
+    pub fn source(&self) -> &Arc<EngineSource> {
+        &self.source
+    }
+
+    /// The peer (Firecracker).
+    pub fn peer(&self) -> PeerCred {
+        self.peer
+    }
+
+    /// e2b's memfd, if the peer sent one (kept open for the pause step).
+    pub fn memfd(&self) -> Option<&OwnedFd> {
+        self.memfd.as_ref()
+    }
+
+    /// The prefetch's progress so far, if prefetching.
+    pub fn prefetch_progress(&self) -> Option<PrefetchReport> {
+        self.prefetch.as_ref().map(|p| p.counters.report())
+    }
+
+    /// Whether the prefetch workers have all finished (true without prefetch).
+    pub fn prefetch_done(&self) -> bool {
+        self.prefetch.as_ref().is_none_or(Prefetcher::is_done)
+    }
+
+    /// Asks the fault loop to end ([`Exit::Stopped`]).
+    pub fn stop(&self) {
+        self.handler.stop();
+    }
+
+    /// Whether the fault loop has ended.
+    pub fn is_finished(&self) -> bool {
+        self.handler.is_finished()
+    }
+
+    /// Waits for the fault loop to end (the VM went away, [`stop`](Self::stop), or a failure),
+    /// stops the prefetch and reports.
+    pub fn join(self) -> UffdReport {
+        let Self {
+            mut handler,
+            source,
+            prefetch,
+            engine,
+            peer,
+            memfd,
+            started,
+        } = self;
+        let result = handler.wait();
+        let elapsed = started.elapsed();
+        drop(memfd);
+        let prefetch = prefetch.map(|p| {
+            p.cancel();
+            p.join()
+        });
+        // Read after the prefetch stopped: its last prefaults are counted.
+        let metrics = handler.metrics();
+        UffdReport {
+            result,
+            metrics,
+            prefetch,
+            engine: engine.stats(),
+            staged_pages: source.staged_pages(),
+            elapsed,
+            peer,
+        }
+    }
+}
+
+/// Serves one VM's memory from `build`'s memfile: opens the file (and every build it references,
+/// so faults never wait for store metadata), starts warming the prefetch plan if asked, waits on
+/// `listener` for Firecracker's handshake, and starts the fault loop. Returns once the handshake
+/// is done; [`UffdServer::join`] waits for the VM to go away.
+///
+/// # Errors
+/// The build or its data cannot be opened, a malformed prefetch plan, or a failed handshake
+/// (the peer, if it connected, is SIGKILLed when
+/// [`kill_peer_on_handshake_error`](UffdOptions::kill_peer_on_handshake_error) is set).
+pub fn serve_uffd(
+    engine: &Engine,
+    build: BuildId,
+    listener: &UnixListener,
+    options: &UffdOptions,
+) -> anyhow::Result<UffdServer> {
+    let file = Arc::new(
+        engine
+            .open(build, options.file)
+            .with_context(|| format!("opening build {build} ({})", options.file))?,
+    );
+    file.open_all()
+        .with_context(|| format!("opening the builds under {build} ({})", options.file))?;
+    let plan = if options.prefetch {
+        let plan = load_prefetch_plan(engine.meta_store().as_ref(), build)
+            .with_context(|| format!("reading the prefetch plan of build {build}"))?;
+        if plan.is_none() {
+            tracing::info!(%build, "no recorded prefetch plan (metadata.json prefetch.memory)");
+        }
+        plan
+    } else {
+        None
+    };
+    serve_file(engine, file, plan.as_ref(), listener, options)
+}
+
+/// [`serve_uffd`] for an already open file and an explicit plan.
+///
+/// # Errors
+/// As [`serve_uffd`].
+pub fn serve_file(
+    engine: &Engine,
+    file: Arc<LayeredFile>,
+    plan: Option<&PrefetchPlan>,
+    listener: &UnixListener,
+    options: &UffdOptions,
+) -> anyhow::Result<UffdServer> {
+    let size = file.size();
+    // The page size is only known from the handshake; the header's block size is the guest's
+    // page size for e2b's memfiles, so warming starts with it and prefaults check it.
+    let page_size = file.block_size();
+    let prefetch = plan.map(|plan| {
+        let pages = plan_pages(plan, page_size, size);
+        tracing::info!(
+            pages = pages.len(),
+            page_size,
+            "UFFD prefetch: warming the recorded plan"
+        );
+        Prefetcher::start(&file, pages, page_size, options.prefetch_concurrency)
+    });
+    let cfg = HandshakeConfig {
+        memfile_size: size,
+        timeout: options.handshake_timeout,
+        kill_peer_on_error: options.kill_peer_on_handshake_error,
+    };
+    let hs = match thaw_uffd::handshake::accept(listener, &cfg) {
+        Ok(hs) => hs,
+        Err(e) => {
+            if let Some(p) = prefetch {
+                p.cancel();
+                p.join();
+            }
+            return Err(anyhow::Error::new(e).context("UFFD handshake"));
+        }
+    };
+    let mut hs = hs;
+    let peer = hs.peer;
+    let guest_page = hs.regions.page_size();
+    let memfd = hs.memfd.take();
+    let source = Arc::new(EngineSource::new(file));
+    let handler = match FaultHandler::spawn(hs, Arc::clone(&source), options.handler.clone()) {
+        Ok(h) => h,
+        Err(e) => {
+            if let Some(p) = prefetch {
+                p.cancel();
+                p.join();
+            }
+            if options.handler.kill_peer_on_failure {
+                thaw_uffd::kill_peer(peer.pid);
+            }
+            return Err(anyhow::Error::new(e).context("starting the UFFD fault handler"));
+        }
+    };
+    if let Some(p) = &prefetch {
+        if guest_page == page_size {
+            p.set_target(Target::Ready(handler.prefaulter()));
+        } else {
+            // Warming still helps; prefaulting pages of another size would not match the plan.
+            tracing::warn!(
+                guest_page,
+                block_size = page_size,
+                "UFFD prefetch: the guest's page size differs from the memfile's block size; warming only"
+            );
+            p.set_target(Target::WarmOnly);
+        }
+    }
+    Ok(UffdServer {
+        handler,
+        source,
+        prefetch,
+        engine: engine.clone(),
+        peer,
+        memfd,
+        started: Instant::now(),
+    })
+}
