@@ -4,13 +4,21 @@
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 
-# Debian packages the tests use as real peers: zstd/lz4 command-line tools (frame interop tests and
-# the codec benchmark's reference figures).
+# Debian packages the tests use as real peers:
+# - zstd/lz4 command-line tools (frame interop tests and the codec benchmark's reference figures);
+# - NBD clients and reference servers for server/tests/nbd_interop.rs and ci/demo.sh: nbdinfo and
+#   nbdcopy (libnbd-bin), nbdsh (python3-libnbd), nbdkit, fio (its nbd engine), qemu-img/qemu-io
+#   (qemu-utils); mkfs.ext4/debugfs (e2fsprogs) for `thaw demo`.
+# A package is fetched only when `dpkg -s` says it is missing. qemu-utils is never reinstalled when
+# present: the machine may carry a newer one (bookworm-backports 10.x) that bookworm's 7.2 would
+# replace.
 need=()
-for pkg_bin in zstd:zstd lz4:lz4; do
-  pkg=${pkg_bin%%:*}; bin=${pkg_bin#*:}
-  command -v "$bin" >/dev/null 2>&1 || need+=("$pkg")
+for pkg in zstd lz4 nbdkit libnbd-bin python3-libnbd fio e2fsprogs; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
+if ! command -v qemu-img >/dev/null 2>&1 || ! command -v qemu-io >/dev/null 2>&1; then
+  dpkg -s qemu-utils >/dev/null 2>&1 || need+=(qemu-utils)
+fi
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" != 0 ]; then
     echo "ci/install.sh: missing packages ${need[*]} and not root: install them first" >&2

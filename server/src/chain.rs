@@ -239,7 +239,7 @@ fn random_build_id(rng: &mut SmallRng) -> BuildId {
 }
 
 /// The base build's header: its own data, identity-mapped, with `zero_runs` (in blocks) as nil.
-fn base_header(build: BuildId, size: u64, block: u64, zero_runs: &[Range<u64>]) -> Header {
+pub fn base_header(build: BuildId, size: u64, block: u64, zero_runs: &[Range<u64>]) -> Header {
     let mut mappings = Vec::new();
     let mut at = 0u64;
     let push = |mappings: &mut Vec<Mapping>, start: u64, end: u64, nil: bool| {

@@ -10,6 +10,8 @@
 //! - [`chain`]: layered test chains and their flattened images;
 //! - [`runtime`]: thread-per-core workers, each a tokio-uring runtime (spawn on a core, wake
 //!   across cores); [`uring`]: io_uring reads (owned, registered and foreign-memory buffers);
+//! - [`nbd`]: the NBD server (`thaw serve`) and its copy-on-write overlay; [`metrics`]: the
+//!   Prometheus endpoint;
 //! - [`uffd`]: the UFFD memory handler over the engine ([`uffd::EngineSource`],
 //!   [`uffd::serve_uffd`]);
 //! - [`cli`]: the `thaw` subcommands.
@@ -20,6 +22,8 @@ pub mod cli;
 pub mod engine;
 pub mod flatten;
 pub mod layout;
+pub mod metrics;
+pub mod nbd;
 pub mod runtime;
 pub mod store;
 pub mod uffd;

@@ -9,9 +9,11 @@ use thaw_codec::{CompressionType, FileKind};
 use crate::store::Store;
 
 pub mod compress;
+pub mod demo;
 pub mod engine_args;
 pub mod inspect;
 pub mod read;
+pub mod serve;
 pub mod uffd;
 
 /// thaw serves VM snapshot images (e2b's layered build format) lazily.
@@ -40,6 +42,12 @@ pub enum Command {
     /// Read a build file (or a range) through the engine and its cache tiers.
     #[command(long_about = read::LONG_ABOUT)]
     Read(read::ReadArgs),
+    /// Build a small layered, compressed ext4 image and serve it over NBD (the quick start).
+    #[command(long_about = demo::LONG_ABOUT)]
+    Demo(demo::DemoArgs),
+    /// Serve build files over NBD (unix sockets, TCP) with a copy-on-write overlay.
+    #[command(long_about = serve::LONG_ABOUT, after_help = serve::AFTER_HELP)]
+    Serve(serve::ServeArgs),
     /// Serve a VM's memory to Firecracker (UFFD snapshot backend) from a build's memfile.
     #[command(long_about = uffd::LONG_ABOUT)]
     Uffd(uffd::UffdArgs),
@@ -51,6 +59,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Compress(args) => compress::run(&args),
         Command::Inspect(args) => inspect::run(&args),
         Command::Read(args) => read::run(&args),
+        Command::Serve(args) => serve::run(&args),
+        Command::Demo(args) => demo::run(&args),
         Command::Uffd(args) => uffd::run(&args),
     }
 }

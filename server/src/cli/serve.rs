@@ -1,0 +1,301 @@
+//! `thaw serve`: NBD exports of layered build files, with a copy-on-write overlay for writes.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use thaw_codec::{BuildId, FileKind};
+
+use super::engine_args::{EngineArgs, parse_duration};
+use super::parse_size;
+use crate::engine::Engine;
+use crate::nbd::{Export, ListenAddr, Overlay, ServeOptions, Server};
+
+/// Help text.
+pub const LONG_ABOUT: &str = "Serve build files over NBD (unix sockets and TCP) to any NBD client \
+(qemu, nbdcopy, nbdinfo, fio, the kernel's nbd-client). Reads go through the engine (lazy, \
+cached, layered; zero-copy from the cache); writes land in a local copy-on-write overlay unless \
+--read-only. SIGTERM/SIGINT: stop accepting, answer handshakes ERR_SHUTDOWN, finish in-flight \
+requests, exit.";
+
+/// Examples.
+pub const AFTER_HELP: &str = "Examples:\n  thaw serve --store file:///srv/builds --build UUID \
+--listen unix:/run/thaw.sock\n  thaw serve --store DIR --export disk=UUID:rootfs.ext4 --export \
+mem=UUID:memfile --listen tcp:127.0.0.1:10809 --read-only\n  nbdinfo --list nbd://127.0.0.1:10809";
+
+/// `NAME=BUILD[:FILE]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportSpec {
+    /// Export name.
+    pub name: String,
+    /// Build id.
+    pub build: BuildId,
+    /// File (default rootfs.ext4).
+    pub file: FileKind,
+}
+
+impl std::str::FromStr for ExportSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (name, rest) = s
+            .split_once('=')
+            .ok_or_else(|| format!("{s:?}: expected NAME=BUILD[:FILE]"))?;
+        let (build, file) = match rest.split_once(':') {
+            Some((b, f)) => (b, Some(f)),
+            None => (rest, None),
+        };
+        let build: BuildId = build
+            .parse()
+            .map_err(|e| format!("{s:?}: build id {build:?}: {e}"))?;
+        let file = match file {
+            Some(f) => f
+                .parse::<FileKind>()
+                .map_err(|_| format!("{s:?}: {f:?} is not rootfs.ext4 or memfile"))?,
+            None => FileKind::Rootfs,
+        };
+        Ok(Self {
+            name: name.to_string(),
+            build,
+            file,
+        })
+    }
+}
+
+/// `thaw serve` options.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub engine: EngineArgs,
+
+    /// Listen on unix:PATH or tcp:HOST:PORT (repeatable; port 0 picks a free port, printed at
+    /// start).
+    #[arg(long = "listen", value_name = "ADDR", required = true)]
+    pub listen: Vec<ListenAddr>,
+
+    /// An export NAME=BUILD[:FILE] (repeatable; FILE defaults to rootfs.ext4). The first is the
+    /// default export (what an empty export name selects).
+    #[arg(long = "export", value_name = "NAME=BUILD[:FILE]")]
+    pub exports: Vec<ExportSpec>,
+
+    /// One export of this build (named by --name), instead of --export.
+    #[arg(long, conflicts_with = "exports")]
+    pub build: Option<BuildId>,
+
+    /// The file of --build.
+    #[arg(long, default_value = "rootfs.ext4", requires = "build")]
+    pub file: FileKind,
+
+    /// The export name of --build.
+    #[arg(long, default_value = "", requires = "build")]
+    pub name: String,
+
+    /// Refuse writes (EPERM); no overlay.
+    #[arg(long)]
+    pub read_only: bool,
+
+    /// Where the overlay files of writable exports go (default: a temporary directory removed
+    /// at exit).
+    #[arg(long, value_name = "DIR")]
+    pub overlay_dir: Option<PathBuf>,
+
+    /// Deadline of the handshake per connection.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    pub handshake_timeout: Duration,
+
+    /// How long SIGTERM waits for in-flight requests before exiting.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+
+    /// Most open connections (handshakes included); more are closed at once.
+    #[arg(long, value_name = "N", default_value_t = crate::nbd::DEFAULT_MAX_CONNECTIONS)]
+    pub max_connections: usize,
+
+    /// Runtime workers (0 = one per core).
+    #[arg(long, default_value_t = 0)]
+    pub workers: usize,
+
+    /// Serve Prometheus metrics (GET /metrics) on tcp:HOST:PORT (port 0 = any free port,
+    /// printed at start).
+    #[arg(long, value_name = "tcp:HOST:PORT")]
+    pub metrics: Option<String>,
+
+    /// READ/WRITE payload bytes in flight per connection (backpressure above it).
+    #[arg(long, value_name = "SIZE", default_value = "256MiB", value_parser = parse_size)]
+    pub max_inflight: u64,
+}
+
+/// The overlay directory: the given one, or a temporary one removed when dropped.
+#[derive(Debug)]
+pub enum OverlayDir {
+    /// Given by the user (kept).
+    Given(PathBuf),
+    /// Temporary (removed on drop).
+    Temp(tempfile::TempDir),
+}
+
+impl OverlayDir {
+    /// Opens (creates) the directory.
+    ///
+    /// # Errors
+    /// It cannot be created.
+    pub fn new(dir: Option<&PathBuf>) -> anyhow::Result<Self> {
+        Ok(match dir {
+            Some(d) => {
+                std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+                Self::Given(d.clone())
+            }
+            None => Self::Temp(
+                tempfile::Builder::new()
+                    .prefix("thaw-overlay-")
+                    .tempdir()
+                    .context("creating a temporary overlay directory")?,
+            ),
+        })
+    }
+
+    /// The path.
+    pub fn path(&self) -> &std::path::Path {
+        match self {
+            Self::Given(p) => p,
+            Self::Temp(t) => t.path(),
+        }
+    }
+}
+
+/// Opens the exports `specs` (writable ones with an overlay in `overlay_dir`).
+///
+/// # Errors
+/// A build that cannot be opened; an overlay that cannot be created.
+pub fn open_exports(
+    engine: &Engine,
+    specs: &[ExportSpec],
+    read_only: bool,
+    overlay_dir: &std::path::Path,
+) -> anyhow::Result<Vec<Export>> {
+    let mut out = Vec::new();
+    for s in specs {
+        let file = Arc::new(
+            engine
+                .open(s.build, s.file)
+                .with_context(|| format!("opening build {} ({})", s.build, s.file))?,
+        );
+        let overlay = if read_only {
+            None
+        } else {
+            let block = file.block_size().clamp(512, 2 << 20);
+            let block = if block.is_power_of_two() { block } else { 4096 };
+            Some(Arc::new(
+                Overlay::create(overlay_dir, &s.name, file.size(), block)
+                    .with_context(|| format!("creating the overlay of export {:?}", s.name))?,
+            ))
+        };
+        out.push(Export::new(&s.name, file, overlay)?);
+    }
+    Ok(out)
+}
+
+/// Prints one line per export and listener: `export NAME URI`.
+pub fn print_uris(server: &Server) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    for e in server.exports() {
+        for a in server.addresses() {
+            writeln!(out, "export {:?} {}", e.config.name, a.uri(&e.config.name))?;
+        }
+    }
+    writeln!(out, "ready")?;
+    out.flush()?;
+    Ok(())
+}
+
+/// Runs `thaw serve`.
+pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
+    let specs: Vec<ExportSpec> = match args.build {
+        Some(build) => vec![ExportSpec {
+            name: args.name.clone(),
+            build,
+            file: args.file,
+        }],
+        None => args.exports.clone(),
+    };
+    if specs.is_empty() {
+        bail!("nothing to serve: give --build ID or --export NAME=BUILD[:FILE]");
+    }
+    let engine = Arc::new(args.engine.engine()?);
+    let metrics = match args.metrics.as_deref() {
+        Some(m) => {
+            let addr = m
+                .strip_prefix("tcp:")
+                .with_context(|| format!("--metrics {m:?}: expected tcp:HOST:PORT"))?;
+            Some(crate::metrics::MetricsServer::start(
+                addr,
+                Some(Arc::clone(&engine)),
+            )?)
+        }
+        None => None,
+    };
+    let overlay_dir = OverlayDir::new(args.overlay_dir.as_ref())?;
+    let exports = open_exports(&engine, &specs, args.read_only, overlay_dir.path())?;
+    let opts = ServeOptions {
+        listen: args.listen.clone(),
+        workers: args.workers,
+        handshake_timeout: args.handshake_timeout,
+        max_inflight_bytes: args.max_inflight,
+        max_connections: args.max_connections,
+    };
+    // Handlers first, so a signal that arrives while we start is not the default (kill).
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ])
+    .context("installing signal handlers")?;
+    let server = Server::start(exports, &opts)?;
+    if let Some(m) = &metrics {
+        println!("metrics http://{}/metrics", m.addr());
+    }
+    print_uris(&server)?;
+    let sig = signals
+        .forever()
+        .next()
+        .unwrap_or(signal_hook::consts::SIGTERM);
+    tracing::info!(signal = sig, "nbd: shutting down");
+    eprintln!("thaw serve: signal {sig}, draining");
+    let left = server.shutdown(args.drain_timeout);
+    if left > 0 {
+        eprintln!("thaw serve: {left} connections still open at the drain deadline");
+    }
+    drop(overlay_dir);
+    drop(metrics);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn export_specs() {
+        let id = "4f1c2b9e-8a8e-4b7e-9a53-0c1d2e3f4a5b";
+        let s: ExportSpec = format!("disk={id}").parse().unwrap();
+        assert_eq!(s.name, "disk");
+        assert_eq!(s.file, FileKind::Rootfs);
+        let s: ExportSpec = format!("m={id}:memfile").parse().unwrap();
+        assert_eq!(s.file, FileKind::Memfile);
+        assert!("nope".parse::<ExportSpec>().is_err());
+        assert!(format!("a={id}:disk").parse::<ExportSpec>().is_err());
+        assert!("a=notauuid".parse::<ExportSpec>().is_err());
+        assert_eq!(
+            "unix:/tmp/x".parse::<ListenAddr>(),
+            Ok(ListenAddr::Unix("/tmp/x".into()))
+        );
+        assert_eq!(
+            "tcp:127.0.0.1:0".parse::<ListenAddr>(),
+            Ok(ListenAddr::Tcp("127.0.0.1:0".into()))
+        );
+        assert!("tcp:127.0.0.1".parse::<ListenAddr>().is_err());
+        assert!("udp:x:1".parse::<ListenAddr>().is_err());
+    }
+}

@@ -1,0 +1,566 @@
+//! The NBD server (`thaw serve`): exports of layered build files over TCP and unix sockets, on
+//! the thread-per-core runtime.
+//!
+//! ```text
+//! acceptor thread per listener (blocking accept)
+//!     -> connection handed to a worker (round robin), as a tokio-uring socket
+//!        handshake: thaw_codec::nbd::ServerHandshake, under a deadline
+//!        transmission: read a request, validate, spawn a local task; many in flight,
+//!        answered out of order; replies queued whole, one writer task per connection
+//!        sends every queued reply with one writev
+//!            READ          engine (zero-copy from the cache when present) + overlay
+//!            WRITE/ZEROES  copy-on-write overlay (overlay.rs)
+//!            BLOCK_STATUS  header mappings (nil = HOLE|ZERO) + overlay
+//!            CACHE         prefetch of the range
+//! ```
+//!
+//! Shutdown ([`Server::shutdown`]): listeners close, connections in the handshake get
+//! `ERR_SHUTDOWN` for their next options (for a short grace), connections in transmission stop
+//! reading, finish their in-flight requests and close. See `docs/nbd-server.md`.
+
+mod conn;
+pub mod io;
+pub mod overlay;
+
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use thaw_codec::nbd::{BlockSize, Command, ExportConfig, ExportFeatures, HandshakeConfig};
+use tokio::sync::watch;
+
+use crate::engine::LayeredFile;
+use crate::runtime::{Handle, Runtime};
+pub use overlay::Overlay;
+
+/// Default handshake deadline: generous, because a slow (emulated) guest's `nbd-client` may take
+/// seconds to read the greeting.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Default bytes of READ/WRITE payload in flight per connection (backpressure: the connection
+/// stops reading requests above it).
+pub const DEFAULT_MAX_INFLIGHT: u64 = 256 << 20;
+
+/// Default cap on open connections (a guard against floods of half-open handshakes).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+
+/// Largest READ/WRITE payload advertised (the spec's default maximum).
+pub const MAX_PAYLOAD: u32 = 32 << 20;
+
+/// One export: a layered build file, with an overlay when writable.
+#[derive(Debug)]
+pub struct Export {
+    /// What the handshake advertises.
+    pub config: ExportConfig,
+    /// The image.
+    pub file: Arc<LayeredFile>,
+    /// The copy-on-write overlay (`None`: read-only).
+    pub overlay: Option<Arc<Overlay>>,
+}
+
+impl Export {
+    /// An export named `name` of `file`: read-only without an overlay, writable with one
+    /// (which must have the file's size). Every optional feature is advertised (write-like ones
+    /// only when writable); block sizes: minimum 1, preferred 4096 (or the file's block size),
+    /// maximum 32 MiB.
+    ///
+    /// # Errors
+    /// The overlay's size differs from the file's; a name over 4096 bytes.
+    pub fn new(
+        name: &str,
+        file: Arc<LayeredFile>,
+        overlay: Option<Arc<Overlay>>,
+    ) -> anyhow::Result<Self> {
+        if let Some(ov) = &overlay
+            && ov.size() != file.size()
+        {
+            bail!(
+                "overlay of {} bytes for an export of {} bytes",
+                ov.size(),
+                file.size()
+            );
+        }
+        let preferred = u32::try_from(file.block_size())
+            .ok()
+            .filter(|b| b.is_power_of_two() && (512..=MAX_PAYLOAD).contains(b))
+            .unwrap_or(4096);
+        let config = ExportConfig {
+            name: name.to_string(),
+            description: format!(
+                "thaw: build {} {}",
+                file.header().metadata.build_id,
+                file.file()
+            ),
+            size: file.size(),
+            read_only: overlay.is_none(),
+            block_size: BlockSize {
+                min: 1,
+                preferred,
+                max: MAX_PAYLOAD,
+            },
+            features: ExportFeatures {
+                flush: true,
+                fua: true,
+                trim: true,
+                write_zeroes: true,
+                fast_zero: true,
+                cache: true,
+                // Every connection of an export shares its overlay: a FLUSH on one covers all.
+                multi_conn: true,
+                rotational: false,
+                df: true,
+                base_allocation: true,
+            },
+        };
+        config.validate().context("export configuration")?;
+        Ok(Self {
+            config,
+            file,
+            overlay,
+        })
+    }
+}
+
+/// Where to listen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    /// `tcp:HOST:PORT` (port 0: an ephemeral port).
+    Tcp(String),
+    /// `unix:PATH`.
+    Unix(PathBuf),
+}
+
+impl std::str::FromStr for ListenAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(p) = s.strip_prefix("unix:") {
+            if p.is_empty() {
+                return Err("unix: needs a path".into());
+            }
+            return Ok(Self::Unix(PathBuf::from(p)));
+        }
+        if let Some(a) = s.strip_prefix("tcp:") {
+            if a.rsplit_once(':')
+                .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+            {
+                return Err(format!("{s:?}: expected tcp:HOST:PORT"));
+            }
+            return Ok(Self::Tcp(a.to_string()));
+        }
+        Err(format!("{s:?}: expected unix:PATH or tcp:HOST:PORT"))
+    }
+}
+
+/// A bound listener's address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BoundAddr {
+    /// TCP, with the actual port.
+    Tcp(SocketAddr),
+    /// Unix socket path.
+    Unix(PathBuf),
+}
+
+impl BoundAddr {
+    /// The NBD URI of export `name` on this address (`nbd://HOST:PORT/NAME`,
+    /// `nbd+unix:///NAME?socket=PATH`).
+    pub fn uri(&self, name: &str) -> String {
+        match self {
+            Self::Tcp(a) => format!("nbd://{a}/{name}"),
+            Self::Unix(p) => format!("nbd+unix:///{name}?socket={}", p.display()),
+        }
+    }
+}
+
+/// Server settings.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Listeners.
+    pub listen: Vec<ListenAddr>,
+    /// Runtime workers (0 = one per core).
+    pub workers: usize,
+    /// Handshake deadline per connection.
+    pub handshake_timeout: Duration,
+    /// Payload bytes in flight per connection.
+    pub max_inflight_bytes: u64,
+    /// Most open connections (handshakes included); more are closed at once.
+    pub max_connections: usize,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        Self {
+            listen: Vec::new(),
+            workers: 0,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            max_inflight_bytes: DEFAULT_MAX_INFLIGHT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+        }
+    }
+}
+
+/// Server counters (monotonic, relaxed).
+#[derive(Debug, Default)]
+pub struct ServerCounters {
+    /// Connections accepted.
+    pub connections: AtomicU64,
+    /// Connections that reached transmission.
+    pub negotiated: AtomicU64,
+    /// Handshakes rejected (protocol violations).
+    pub rejected: AtomicU64,
+    /// Handshakes that hit the deadline.
+    pub handshake_timeouts: AtomicU64,
+    /// Requests executed, per command (read, write, flush, trim, cache, write_zeroes,
+    /// block_status).
+    pub requests: [AtomicU64; 8],
+    /// Error replies sent.
+    pub errors: AtomicU64,
+    /// Bytes returned by READs.
+    pub read_bytes: AtomicU64,
+    /// Bytes received by WRITEs.
+    pub write_bytes: AtomicU64,
+}
+
+impl ServerCounters {
+    fn bump_negotiated(&self) {
+        self.negotiated.fetch_add(1, Ordering::Relaxed);
+    }
+    fn bump_rejected(&self) {
+        self.rejected.fetch_add(1, Ordering::Relaxed);
+    }
+    fn bump_handshake_timeout(&self) {
+        self.handshake_timeouts.fetch_add(1, Ordering::Relaxed);
+    }
+    fn bump_error(&self) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+    }
+    fn bump_read_bytes(&self, n: u64) {
+        self.read_bytes.fetch_add(n, Ordering::Relaxed);
+    }
+    fn bump_request(&self, cmd: Command, len: u64) {
+        let i = usize::from(cmd.as_u16()).min(7);
+        if let Some(c) = self.requests.get(i) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+        if cmd == Command::Write {
+            self.write_bytes.fetch_add(len, Ordering::Relaxed);
+        }
+    }
+}
+
+/// What every connection shares.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    exports: Vec<Arc<Export>>,
+    handshake: HandshakeConfig,
+    handshake_timeout: Duration,
+    max_inflight_bytes: u64,
+    shutdown: watch::Receiver<bool>,
+    counters: Arc<ServerCounters>,
+}
+
+/// A running server. [`Server::shutdown`] (or drop) stops it.
+#[derive(Debug)]
+pub struct Server {
+    runtime: Option<Runtime>,
+    shutdown_tx: watch::Sender<bool>,
+    acceptors: Vec<Acceptor>,
+    live: Arc<AtomicUsize>,
+    bound: Vec<BoundAddr>,
+    exports: Vec<Arc<Export>>,
+    counters: Arc<ServerCounters>,
+}
+
+#[derive(Debug)]
+struct Acceptor {
+    addr: BoundAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+/// Decrements the live-connection count when the connection task ends (or is dropped).
+struct LiveGuard(Arc<AtomicUsize>);
+
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+        metrics::gauge!("thaw_nbd_connections_active").decrement(1.0);
+    }
+}
+
+enum Accepted {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Server {
+    /// Binds every listener and starts serving `exports` (the first is the default export).
+    ///
+    /// # Errors
+    /// No export or listener; invalid export set (duplicate names); a listener that cannot be
+    /// bound; the runtime cannot start.
+    pub fn start(exports: Vec<Export>, opts: &ServeOptions) -> anyhow::Result<Self> {
+        if exports.is_empty() {
+            bail!("no export to serve");
+        }
+        if opts.listen.is_empty() {
+            bail!("no listener (--listen unix:PATH or tcp:HOST:PORT)");
+        }
+        let exports: Vec<Arc<Export>> = exports.into_iter().map(Arc::new).collect();
+        let handshake = HandshakeConfig::new(exports.iter().map(|e| e.config.clone()).collect());
+        // Validates names (unique) and limits up front.
+        thaw_codec::nbd::ServerHandshake::new(handshake.clone()).context("export set")?;
+        let runtime = Runtime::builder()
+            .workers(opts.workers)
+            .shutdown_grace(Duration::from_secs(2))
+            .build()
+            .context("starting the runtime")?;
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let counters = Arc::new(ServerCounters::default());
+        let shared = Arc::new(Shared {
+            exports: exports.clone(),
+            handshake,
+            handshake_timeout: opts.handshake_timeout,
+            max_inflight_bytes: opts.max_inflight_bytes,
+            shutdown: shutdown_rx,
+            counters: Arc::clone(&counters),
+        });
+        let live = Arc::new(AtomicUsize::new(0));
+        let next_id = Arc::new(AtomicU64::new(1));
+        let handle = runtime.handle().clone();
+        // The runtime goes in first: if a listener fails below, dropping `server` stops the
+        // acceptors already started, then the runtime.
+        let mut server = Self {
+            runtime: Some(runtime),
+            shutdown_tx,
+            acceptors: Vec::new(),
+            live: Arc::clone(&live),
+            bound: Vec::new(),
+            exports,
+            counters,
+        };
+        for l in &opts.listen {
+            let (addr, listener) = bind(l)?;
+            let stop = Arc::new(AtomicBool::new(false));
+            let ctx = AcceptCtx {
+                handle: handle.clone(),
+                shared: Arc::clone(&shared),
+                live: Arc::clone(&live),
+                next_id: Arc::clone(&next_id),
+                stop: Arc::clone(&stop),
+                max_connections: opts.max_connections.max(1),
+            };
+            let thread = thread::Builder::new()
+                .name("thaw-nbd-accept".into())
+                .spawn(move || ctx.run(listener))
+                .context("starting an accept thread")?;
+            server.bound.push(addr.clone());
+            server.acceptors.push(Acceptor {
+                addr,
+                stop,
+                thread: Some(thread),
+            });
+        }
+        Ok(server)
+    }
+
+    /// The bound listener addresses (TCP with the actual port), in `--listen` order.
+    pub fn addresses(&self) -> &[BoundAddr] {
+        &self.bound
+    }
+
+    /// The exports.
+    pub fn exports(&self) -> &[Arc<Export>] {
+        &self.exports
+    }
+
+    /// Counters.
+    pub fn counters(&self) -> &ServerCounters {
+        &self.counters
+    }
+
+    /// Connections currently open.
+    pub fn live_connections(&self) -> usize {
+        self.live.load(Ordering::Acquire)
+    }
+
+    /// Stops accepting, asks every connection to finish (handshakes get `ERR_SHUTDOWN`;
+    /// transmissions drain their in-flight requests and close), waits up to `grace` for them,
+    /// then stops the runtime. Returns the connections still open at the deadline.
+    pub fn shutdown(mut self, grace: Duration) -> usize {
+        self.stop(grace)
+    }
+
+    fn stop(&mut self, grace: Duration) -> usize {
+        let _ = self.shutdown_tx.send(true);
+        for a in &mut self.acceptors {
+            a.stop.store(true, Ordering::Release);
+            wake(&a.addr);
+            if let Some(t) = a.thread.take() {
+                let _ = t.join();
+            }
+            if let BoundAddr::Unix(p) = &a.addr {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+        let deadline = Instant::now() + grace;
+        while self.live.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(10));
+        }
+        let left = self.live.load(Ordering::Acquire);
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown();
+        }
+        left
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if self.runtime.is_some() {
+            self.stop(Duration::from_secs(5));
+        }
+    }
+}
+
+enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+fn bind(l: &ListenAddr) -> anyhow::Result<(BoundAddr, Listener)> {
+    match l {
+        ListenAddr::Tcp(a) => {
+            let addrs: Vec<SocketAddr> = a
+                .to_socket_addrs()
+                .with_context(|| format!("resolving {a}"))?
+                .collect();
+            let listener =
+                TcpListener::bind(&addrs[..]).with_context(|| format!("binding tcp:{a}"))?;
+            let addr = listener.local_addr()?;
+            Ok((BoundAddr::Tcp(addr), Listener::Tcp(listener)))
+        }
+        ListenAddr::Unix(p) => {
+            remove_stale_socket(p)?;
+            let listener =
+                UnixListener::bind(p).with_context(|| format!("binding unix:{}", p.display()))?;
+            Ok((BoundAddr::Unix(p.clone()), Listener::Unix(listener)))
+        }
+    }
+}
+
+/// Removes a socket file nobody listens on (left by a killed server); refuses a live one.
+fn remove_stale_socket(p: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(meta) = std::fs::symlink_metadata(p) else {
+        return Ok(());
+    };
+    if !meta.file_type().is_socket() {
+        bail!("{} exists and is not a socket", p.display());
+    }
+    if UnixStream::connect(p).is_ok() {
+        bail!("{} is in use by another server", p.display());
+    }
+    std::fs::remove_file(p).with_context(|| format!("removing stale socket {}", p.display()))
+}
+
+/// Wakes an acceptor blocked in `accept` (it then sees its stop flag).
+fn wake(addr: &BoundAddr) {
+    match addr {
+        BoundAddr::Tcp(a) => {
+            let mut target = *a;
+            if target.ip().is_unspecified() {
+                target.set_ip(match target {
+                    SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                    SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+                });
+            }
+            let _ = TcpStream::connect_timeout(&target, Duration::from_secs(1));
+        }
+        BoundAddr::Unix(p) => {
+            let _ = UnixStream::connect(p);
+        }
+    }
+}
+
+struct AcceptCtx {
+    handle: Handle,
+    shared: Arc<Shared>,
+    live: Arc<AtomicUsize>,
+    next_id: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    max_connections: usize,
+}
+
+impl AcceptCtx {
+    fn run(self, listener: Listener) {
+        let mut next_worker = 0usize;
+        loop {
+            let accepted = match &listener {
+                Listener::Tcp(l) => l.accept().map(|(s, _)| Accepted::Tcp(s)),
+                Listener::Unix(l) => l.accept().map(|(s, _)| Accepted::Unix(s)),
+            };
+            if self.stop.load(Ordering::Acquire) {
+                return;
+            }
+            let stream = match accepted {
+                Ok(s) => s,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "nbd: accept failed");
+                    thread::sleep(Duration::from_millis(50));
+                    continue;
+                }
+            };
+            if let Accepted::Tcp(s) = &stream
+                && let Err(e) = s.set_nodelay(true)
+            {
+                tracing::debug!(error = %e, "nbd: TCP_NODELAY");
+            }
+            if self.live.load(Ordering::Acquire) >= self.max_connections {
+                // Dropping the socket closes it: the client sees EOF before the greeting.
+                tracing::debug!(
+                    max = self.max_connections,
+                    "nbd: connection limit reached, refusing"
+                );
+                metrics::counter!("thaw_nbd_connections_refused_total").increment(1);
+                continue;
+            }
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            self.shared
+                .counters
+                .connections
+                .fetch_add(1, Ordering::Relaxed);
+            self.live.fetch_add(1, Ordering::AcqRel);
+            metrics::counter!("thaw_nbd_connections_total").increment(1);
+            metrics::gauge!("thaw_nbd_connections_active").increment(1.0);
+            let guard = LiveGuard(Arc::clone(&self.live));
+            let shared = Arc::clone(&self.shared);
+            let worker = next_worker % self.handle.workers().max(1);
+            next_worker = next_worker.wrapping_add(1);
+            let spawned = self.handle.spawn_on(worker, move || async move {
+                let _guard = guard;
+                let stream = match stream {
+                    Accepted::Tcp(s) => io::Stream::Tcp(tokio_uring::net::TcpStream::from_std(s)),
+                    Accepted::Unix(s) => {
+                        io::Stream::Unix(tokio_uring::net::UnixStream::from_std(s))
+                    }
+                };
+                tracing::debug!(conn = id, worker, "nbd: connection");
+                conn::serve(stream, shared, id).await;
+            });
+            match spawned {
+                Ok(h) => drop(h),
+                Err(e) => {
+                    // The guard went down with the closure; the socket with it.
+                    tracing::warn!(error = %e, "nbd: no worker for a connection");
+                }
+            }
+        }
+    }
+}
