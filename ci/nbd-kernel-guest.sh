@@ -1,0 +1,179 @@
+#!/usr/bin/env bash
+# ci/nbd-kernel-guest.sh [WORKDIR]: the Linux kernel's own NBD client (nbd.ko + nbd-client) against
+# `thaw serve`, in a throwaway guest.
+#
+# The host has no nbd driver, and /dev/kvm here cannot boot stock kernels, so this boots a Debian
+# kernel under qemu TCG (no network device at all) with a small busybox initramfs. The guest reaches
+# `thaw serve`'s HOST unix socket through virtio-serial ports (qemu connects one chardev per port to
+# the socket; a tiny static relay in the guest turns each port into a guest unix socket, because the
+# kernel needs a socket fd). One port carries one NBD connection.
+#
+# Checks:
+#   1. /dev/nbd0 = export "chain": the top of a generated 2-build zstd chain (thaw-bench gen);
+#      md5 of the whole device in the guest == md5 of the flattened top image on the host.
+#   2. /dev/nbd1 = export "demo": `thaw demo`'s layered ext4 image; the guest mounts it (ext4
+#      module), reads /hello.txt (replaced in the diff layer) and md5s /data/blob.bin; both must
+#      equal what debugfs reads from the flat top image on the host. The guest then writes a file
+#      (it lands in the copy-on-write overlay), syncs, unmounts, remounts and reads it back.
+# Prints KERNEL-NBD: PASS / FAIL; exit status 0 / 1.
+#
+# Packages (idempotent, root): qemu-system-x86 must come from bookworm-backports (10.0.x) because
+# the machine's qemu-utils 10.0.x Breaks qemu-system-common << 8.0 (bookworm's 7.2 would remove
+# qemu-utils); private apt lists, /etc/apt untouched. The Debian kernel is downloaded and
+# extracted, never installed (no initramfs-tools/grub hooks).
+set -euo pipefail
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+W=${1:-/tmp/nbd-kernel-guest}
+mkdir -p "$W"; W=$(cd "$W" && pwd); cd "$W"
+T_START=$(date +%s)
+
+# ---- 1. packages
+if ! command -v qemu-system-x86_64 >/dev/null || [ ! -x /bin/busybox ] || [ ! -x /usr/sbin/nbd-client ] \
+   || ! command -v debugfs >/dev/null || ! command -v gcc >/dev/null; then
+  mkdir -p aptparts aptlists/partial
+  cp /etc/apt/sources.list.d/*.sources /etc/apt/sources.list.d/*.list aptparts/ 2>/dev/null || true
+  echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $(awk '/^URIs:/{print $2; exit}' /etc/apt/sources.list.d/debian.sources) bookworm-backports main" > aptparts/zz-bookworm-backports.list
+  O="-o Dir::Etc::SourceParts=$W/aptparts -o Dir::State::Lists=$W/aptlists"
+  apt-get $O update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get $O install -y -qq --no-install-recommends -t bookworm-backports \
+      qemu-system-x86 busybox-static nbd-client e2fsprogs gcc libc6-dev >/dev/null
+fi
+# ---- 2. Debian kernel (downloaded + extracted, NOT installed)
+if [ ! -d kern/root/boot ]; then
+  rm -rf kern; mkdir -p kern; KPKG=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-/{print $2; exit}')
+  (cd kern && apt-get -o APT::Sandbox::User=root download -qq "$KPKG" && dpkg-deb -x ./"$KPKG"_*.deb root && rm -f ./*.deb)
+fi
+VMLINUZ=$(ls kern/root/boot/vmlinuz-*); KM=$(ls -d kern/root/lib/modules/*)
+T_PKG=$(date +%s)
+
+# ---- 3. thaw, the images, the server
+(cd "$REPO" && cargo build --release -q --bin thaw --bin thaw-bench)
+THAW=$REPO/target/release/thaw; BENCH=$REPO/target/release/thaw-bench
+rm -rf data; mkdir -p data
+"$BENCH" gen --layers 1 --codec zstd:1 --size 64MiB --file rootfs.ext4 --store "file://$W/data/store" \
+    --expected "$W/data/exp" >/dev/null
+read -r CHAIN_ID CHAIN_FLAT < <(python3 -c '
+import json, sys; m = json.load(open(sys.argv[1])); top = m["layers"][-1]
+print(top["build_id"], top["files"]["rootfs.ext4"]["flat"])' data/exp/chain.json)
+# `thaw demo` builds its ext4 image into data/demo and serves it; it is only needed for the build.
+"$THAW" demo --dir data/demo --size 64MiB >data/demo.log 2>&1 &
+DEMO=$!
+for _ in $(seq 1 300); do [ -S data/demo/nbd.sock ] && break; sleep 0.1; done
+kill "$DEMO"; wait "$DEMO" || true
+read -r DEMO_ID DEMO_FLAT < <(python3 -c '
+import json, sys; m = json.load(open(sys.argv[1])); print(m["top"], m["top_image"])' data/demo/demo.json)
+# One store for both: copy the demo's builds next to the chain's.
+cp -r data/demo/store/. data/store/
+EXP_CHAIN=$(md5sum < "$CHAIN_FLAT" | cut -d' ' -f1)
+EXP_HELLO=$(debugfs -R 'cat /hello.txt' "$DEMO_FLAT" 2>/dev/null)
+EXP_BLOB=$(debugfs -R 'cat /data/blob.bin' "$DEMO_FLAT" 2>/dev/null | md5sum | cut -d' ' -f1)
+SOCK=$W/data/nbd.sock
+# The guest reads the greeting ~10 s after qemu connects (TCG boot): generous handshake deadline.
+"$THAW" serve --store "file://$W/data/store" --export "chain=$CHAIN_ID:rootfs.ext4" \
+    --export "demo=$DEMO_ID:rootfs.ext4" --listen "unix:$SOCK" --handshake-timeout 600s \
+    >data/serve.log 2>&1 &
+SERVE=$!
+trap 'kill $SERVE 2>/dev/null || true' EXIT
+for _ in $(seq 1 100); do grep -q '^ready' data/serve.log && break; sleep 0.1; done
+grep -q '^ready' data/serve.log || { cat data/serve.log; echo "KERNEL-NBD: FAIL (thaw serve did not start)"; exit 1; }
+
+# ---- 4. static relay: virtio-serial port <-> guest-local unix socket
+cat > vrelay.c <<'EOF'
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+static int wall(int fd, const char *b, ssize_t n) {
+  while (n > 0) { ssize_t w = write(fd, b, n); if (w < 0) { if (errno == EINTR) continue; return -1; } b += w; n -= w; }
+  return 0;
+}
+int main(int argc, char **argv) {
+  if (argc != 3) { fprintf(stderr, "usage: %s PORTDEV SOCKPATH\n", argv[0]); return 2; }
+  int dev = open(argv[1], O_RDWR); if (dev < 0) { perror("open port"); return 1; }
+  int ls = socket(AF_UNIX, SOCK_STREAM, 0);
+  struct sockaddr_un a = { .sun_family = AF_UNIX };
+  strncpy(a.sun_path, argv[2], sizeof a.sun_path - 1); unlink(argv[2]);
+  if (bind(ls, (struct sockaddr *)&a, sizeof a) < 0 || listen(ls, 1) < 0) { perror("bind/listen"); return 1; }
+  int c = accept(ls, NULL, NULL); if (c < 0) { perror("accept"); return 1; }
+  static char buf[1 << 20];
+  struct pollfd p[2] = { { .fd = dev, .events = POLLIN }, { .fd = c, .events = POLLIN } };
+  for (;;) {
+    if (poll(p, 2, -1) < 0) { if (errno == EINTR) continue; perror("poll"); return 1; }
+    for (int i = 0; i < 2; i++)
+      if (p[i].revents & (POLLIN | POLLHUP | POLLERR)) {
+        ssize_t n = read(p[i].fd, buf, sizeof buf);
+        if (n <= 0) { fprintf(stderr, "vrelay: %s closed\n", i ? "socket" : "port"); return 0; }
+        if (wall(p[1 - i].fd, buf, n) < 0) { perror("write"); return 1; }
+      }
+  }
+}
+EOF
+[ vrelay -nt vrelay.c ] || gcc -O2 -static -o vrelay vrelay.c
+
+# ---- 5. initramfs: busybox + vrelay + nbd-client (dynamic: its libs too) + modules (with deps)
+R=$(mktemp -d); mkdir -p "$R"/bin "$R"/lib/modules "$R"/tmp "$R"/proc "$R"/sys "$R"/dev "$R"/mnt
+cp /bin/busybox vrelay /usr/sbin/nbd-client "$R"/bin/
+for l in $(ldd /usr/sbin/nbd-client | grep -o '/[^ ]*'); do mkdir -p "$R$(dirname "$l")"; cp -L "$l" "$R$l"; done
+MODS=()   # load order: dependencies first
+add_mod() {
+  local m=${1//-/_} f d
+  for x in "${MODS[@]}"; do [ "$x" = "$m" ] && return 0; done
+  f=$(find "$KM/kernel" -name "$m.ko" -o -name "${m//_/-}.ko" | head -1)
+  [ -n "$f" ] || return 0            # built in
+  for d in $(strings "$f" | sed -n 's/^depends=//p' | tr ',' ' '); do add_mod "$d"; done
+  cp "$f" "$R/lib/modules/$m.ko"; MODS+=("$m")
+}
+for m in virtio_pci virtio_console nbd crc32c_generic ext4; do add_mod "$m"; done
+echo "${MODS[*]}" > "$R"/modules
+cat > "$R"/init <<'EOF'
+#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
+for m in $(cat /modules); do insmod /lib/modules/$m.ko; done
+port() { P=""; for i in $(seq 1 100); do
+  for p in /sys/class/virtio-ports/*; do [ "$(cat $p/name 2>/dev/null)" = "$1" ] && P=/dev/${p##*/}; done
+  [ -n "$P" ] && [ -e "$P" ] && break; sleep 0.1; done; echo $P; }
+/bin/vrelay $(port nbd0) /tmp/nbd0.sock &
+/bin/vrelay $(port nbd1) /tmp/nbd1.sock &
+while [ ! -S /tmp/nbd0.sock ] || [ ! -S /tmp/nbd1.sock ]; do sleep 0.05; done
+nbd-client -unix /tmp/nbd0.sock /dev/nbd0 -N chain -b 4096
+nbd-client -unix /tmp/nbd1.sock /dev/nbd1 -N demo -b 4096
+echo "GUEST: nbd0 size=$(blockdev --getsize64 /dev/nbd0) ro=$(blockdev --getro /dev/nbd0) uptime=$(cut -d' ' -f1 /proc/uptime)"
+echo "GUEST_CHAIN_MD5=$(md5sum /dev/nbd0 | cut -d' ' -f1) uptime=$(cut -d' ' -f1 /proc/uptime)"
+if mount -t ext4 /dev/nbd1 /mnt; then
+  echo "GUEST_HELLO=$(cat /mnt/hello.txt)"
+  echo "GUEST_BLOB_MD5=$(md5sum /mnt/data/blob.bin | cut -d' ' -f1)"
+  echo "written by the guest kernel" > /mnt/guest.txt; sync; umount /mnt
+  echo 3 > /proc/sys/vm/drop_caches
+  mount -t ext4 /dev/nbd1 /mnt && echo "GUEST_WRITE=$(cat /mnt/guest.txt)" && umount /mnt
+else echo "GUEST: mount failed"; fi
+echo "GUEST: done uptime=$(cut -d' ' -f1 /proc/uptime)"
+nbd-client -d /dev/nbd0; nbd-client -d /dev/nbd1; poweroff -f
+EOF
+chmod +x "$R"/init
+(cd "$R" && find . | busybox cpio -o -H newc 2>/dev/null | gzip -1) > initramfs.cpio.gz; rm -rf "$R"
+
+# ---- 6. boot (TCG: /dev/kvm here hangs stock kernels; -smp 1 is faster than 2). No network device.
+T0=$(date +%s)
+timeout 900 qemu-system-x86_64 -accel tcg -cpu max -smp "${GUEST_SMP:-1}" -m 512 -nographic -no-reboot -nic none \
+  -kernel "$VMLINUZ" -initrd initramfs.cpio.gz -append "console=ttyS0 panic=-1 quiet" \
+  -device virtio-serial-pci \
+  -chardev socket,id=c0,path="$SOCK" -device virtserialport,chardev=c0,name=nbd0 \
+  -chardev socket,id=c1,path="$SOCK" -device virtserialport,chardev=c1,name=nbd1 \
+  </dev/null > guest.log 2>&1 || true
+T1=$(date +%s)
+g() { grep -ao "^$1=.*" guest.log | head -1 | cut -d= -f2- | sed 's/ uptime=.*//; s/\r$//' || true; }
+GOT_CHAIN=$(g GUEST_CHAIN_MD5); GOT_HELLO=$(g GUEST_HELLO); GOT_BLOB=$(g GUEST_BLOB_MD5); GOT_WRITE=$(g GUEST_WRITE)
+grep -a 'GUEST' guest.log || true
+echo "timings: packages+kernel $((T_PKG - T_START))s, build+images+server $((T0 - T_PKG))s, guest $((T1 - T0))s, total $((T1 - T_START))s"
+fail=0
+check() { if [ "$2" = "$3" ]; then echo "ok   $1: $2"; else echo "FAIL $1: expected '$2' got '${3:-none}'"; fail=1; fi; }
+check "chain export md5 (/dev/nbd0)" "$EXP_CHAIN" "$GOT_CHAIN"
+check "ext4 /hello.txt (/dev/nbd1)" "$EXP_HELLO" "$GOT_HELLO"
+check "ext4 /data/blob.bin md5" "$EXP_BLOB" "$GOT_BLOB"
+check "ext4 write, remount, read back" "written by the guest kernel" "$GOT_WRITE"
+if [ $fail = 0 ]; then echo "KERNEL-NBD: PASS"; else echo "KERNEL-NBD: FAIL"; tail -40 guest.log; exit 1; fi
