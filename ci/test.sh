@@ -3,6 +3,7 @@
 # lints, runs every workspace test, and builds the fuzz targets.
 #   ci/test.sh            everything
 #   SKIP_FUZZ_BUILD=1 ci/test.sh   skip the (slow) cargo-fuzz build
+#   SKIP_KERNEL_NBD=1 ci/test.sh   skip the kernel NBD client guest (ci/nbd-kernel-guest.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,6 +21,11 @@ cargo test --workspace --locked 2>&1 | tee target/test-output.txt
 if ! grep -q "test result: ok" target/test-output.txt; then
   echo "ci/test.sh: no test ran" >&2
   exit 1
+fi
+
+if [ "${SKIP_KERNEL_NBD:-0}" != 1 ]; then
+  echo "== kernel nbd.ko client against thaw serve (TCG guest; ~20 s, first run +~30 s of packages)"
+  THAW_PROFILE=dev ci/nbd-kernel-guest.sh target/nbd-kernel-guest
 fi
 
 if [ "${SKIP_FUZZ_BUILD:-0}" != 1 ]; then
