@@ -931,7 +931,9 @@ impl BuildFile {
                 );
                 match streamed {
                     Err(e) => Err((e.to_string(), FetchErrorKind::Store(e.kind()))),
-                    Ok(_) if failure.is_some() => Err(failure.take().unwrap_or_default_failure()),
+                    Ok(_) if failure.is_some() => Err(failure
+                        .take()
+                        .unwrap_or_else(|| ("transfer stopped".into(), FetchErrorKind::Engine))),
                     Ok(n) if n != u64::from(frame.size_c) => Err((
                         format!(
                             "the store delivered {n} of {} bytes",
@@ -1277,16 +1279,6 @@ fn deadline_msg(shared: &Shared) -> String {
         "the transfer exceeded the fetch deadline of {:?}",
         shared.config.fetch_deadline
     )
-}
-
-trait DefaultFailure {
-    fn unwrap_or_default_failure(self) -> (String, FetchErrorKind);
-}
-
-impl DefaultFailure for Option<(String, FetchErrorKind)> {
-    fn unwrap_or_default_failure(self) -> (String, FetchErrorKind) {
-        self.unwrap_or_else(|| ("transfer stopped".into(), FetchErrorKind::Engine))
-    }
 }
 
 /// Waits for every `(session, range)`: blocking.
