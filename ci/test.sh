@@ -8,6 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 ci/install.sh
+# Tests that need an external tool (an emulator, a client) fail instead of skipping when it is missing.
+export THAW_REQUIRE_TOOLS=1
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
