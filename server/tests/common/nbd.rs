@@ -114,6 +114,26 @@ impl Serve {
     /// Serves `exports` (name, build) of the store at `store` (a path or a store URL) on a unix
     /// socket and an ephemeral loopback TCP port, with `extra` arguments.
     pub fn start_with(store: &str, exports: &[(String, BuildId)], extra: &[&str]) -> Self {
+        Self::spawn(store, exports, extra, None)
+    }
+
+    /// Like [`Serve::start_with`], with `RUST_LOG=rust_log` and the server's stderr going to a
+    /// file ([`Serve::log`]).
+    pub fn start_logged(
+        store: &str,
+        exports: &[(String, BuildId)],
+        extra: &[&str],
+        rust_log: &str,
+    ) -> Self {
+        Self::spawn(store, exports, extra, Some(rust_log))
+    }
+
+    fn spawn(
+        store: &str,
+        exports: &[(String, BuildId)],
+        extra: &[&str],
+        rust_log: Option<&str>,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("nbd.sock");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_thaw"));
@@ -129,9 +149,16 @@ impl Serve {
         for (name, build) in exports {
             cmd.arg("--export").arg(format!("{name}={build}"));
         }
-        cmd.args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+        cmd.args(extra).stdout(Stdio::piped());
+        match rust_log {
+            Some(filter) => {
+                let log = std::fs::File::create(dir.path().join("serve.log")).unwrap();
+                cmd.env("RUST_LOG", filter).env("NO_COLOR", "1").stderr(log);
+            }
+            None => {
+                cmd.stderr(Stdio::inherit());
+            }
+        }
         let mut child = cmd.spawn().unwrap();
         let out = child.stdout.take().unwrap();
         let mut port = 0;
@@ -156,6 +183,26 @@ impl Serve {
             port,
             metrics,
         }
+    }
+
+    /// What the server logged so far (started with [`Serve::start_logged`]), ANSI colours
+    /// removed.
+    pub fn log(&self) -> String {
+        let raw = std::fs::read_to_string(self.dir.path().join("serve.log")).unwrap_or_default();
+        let mut out = String::with_capacity(raw.len());
+        let mut chars = raw.chars();
+        while let Some(ch) = chars.next() {
+            if ch == '\u{1b}' {
+                for c in chars.by_ref() {
+                    if c.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            } else {
+                out.push(ch);
+            }
+        }
+        out
     }
 
     pub fn unix_uri(&self, export: &str) -> String {
