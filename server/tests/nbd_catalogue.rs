@@ -852,6 +852,54 @@ fn a_reset_during_a_large_reply_is_handled_quietly() {
     }
 }
 
+/// D3 with work in flight: reads held up by a 300 ms store TTFB when SIGTERM arrives are
+/// answered (right bytes), then the connection closes and `thaw serve` exits 0. A client that
+/// reads none of its (32 MiB of) replies cannot hold the exit past `--drain-timeout`.
+#[test]
+fn sigterm_answers_reads_in_flight_and_exits_within_the_drain_deadline() {
+    let chain = std_chain();
+    let store = format!("sim:ttfb=300ms,inner={}", chain.store_url());
+    let want = chain.flat(1);
+    let mut s = Serve::start_with(
+        &store,
+        &chain.exports(),
+        &["--read-only", "--drain-timeout", "2s"],
+    );
+    // A client that never reads: 4 x 8 MiB of replies stuck in the socket.
+    let mut stuck = Raw::connect(&s.sock);
+    stuck.go("l2");
+    for i in 0..4u64 {
+        stuck.request(NbdCmd::Read, i, 0, 8 << 20, &[]);
+    }
+    let mut c = Raw::connect(&s.sock);
+    c.go("l1");
+    for i in 0..8u64 {
+        c.request(NbdCmd::Read, i, i * MIB, 65536, &[]);
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    let t = std::time::Instant::now();
+    s.sigterm();
+    let mut seen = Vec::new();
+    for _ in 0..8 {
+        let (err, ck, d) = c.simple(65536);
+        assert_eq!(err, 0, "D3: in-flight read {ck} failed");
+        let off = (ck * MIB) as usize;
+        assert!(d == want[off..off + 65536], "D3: read {ck}");
+        seen.push(ck);
+    }
+    seen.sort_unstable();
+    assert_eq!(seen, (0..8).collect::<Vec<_>>());
+    assert!(c.closed(), "D3: not closed after its in-flight work");
+    let st = s.wait_exit(Duration::from_secs(20));
+    assert!(st.success(), "{st}");
+    assert!(
+        t.elapsed() < Duration::from_secs(15),
+        "D3: exit took {:?} with a 2 s drain deadline",
+        t.elapsed()
+    );
+    drop(stuck);
+}
+
 /// D5: 10,000 connect / handshake / disconnect cycles (clean DISC, EOF mid-handshake, a read
 /// then DISC, vanishing with a 1 MiB read in flight): the fd count and the resident set size
 /// stay flat (measured after 1,000 warm-up cycles; 2 MiB of slack for the allocator), and every
