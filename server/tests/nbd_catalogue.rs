@@ -966,9 +966,15 @@ fn ten_thousand_connection_cycles_keep_fds_and_memory_flat() {
 fn random_request_streams_get_well_formed_replies() {
     let s = serve(&[]);
     let images: Vec<Vec<u8>> = (0..3).map(|l| std_chain().flat(l)).collect();
-    let seeds: Vec<u64> = match std::env::var("THAW_FUZZ_SEED") {
-        Ok(v) => vec![v.parse().unwrap()],
-        Err(_) => (0..24).collect(),
+    // THAW_FUZZ_SEED=N replays one connection; THAW_FUZZ_SEEDS=N runs seeds 0..N (a longer
+    // local campaign).
+    let seeds: Vec<u64> = match (
+        std::env::var("THAW_FUZZ_SEED"),
+        std::env::var("THAW_FUZZ_SEEDS"),
+    ) {
+        (Ok(v), _) => vec![v.parse().unwrap()],
+        (_, Ok(n)) => (0..n.parse().unwrap()).collect(),
+        _ => (0..24).collect(),
     };
     for seed in seeds {
         fuzz_connection(&s, &images, seed);
@@ -1074,8 +1080,30 @@ fn fuzz_connection(s: &Serve, images: &[Vec<u8>], seed: u64) {
         }
         outstanding.insert(i, (cmd, offset, length));
     }
+    // How the stream ends: DISC (below), a request header with a bad magic (T1), or a cut
+    // inside a request; either way every request before it is answered, then the server closes.
+    let ending = rng.random_range(0..4u8);
+    match ending {
+        0 => {
+            let mut bad = request_bytes(0, NbdCmd::Read, u64::MAX, 0, 4096);
+            bad[rng.random_range(0..4)] ^= 1 << rng.random_range(0..8);
+            stream.extend_from_slice(&bad);
+        }
+        1 => {
+            let whole = request_bytes(0, NbdCmd::Write, u64::MAX, 0, 4096);
+            let cut = rng.random_range(1..REQUEST_LEN + 4096);
+            stream.extend_from_slice(&whole[..cut.min(REQUEST_LEN)]);
+            stream.extend(std::iter::repeat_n(0u8, cut.saturating_sub(REQUEST_LEN)));
+        }
+        _ => {}
+    }
     let mut w = c.s.try_clone().unwrap();
-    let sender = std::thread::spawn(move || w.write_all(&stream).unwrap());
+    let sender = std::thread::spawn(move || {
+        w.write_all(&stream).unwrap();
+        if ending == 1 {
+            w.shutdown(Shutdown::Write).unwrap();
+        }
+    });
     let image = &images[layer];
     let mut partial: BTreeMap<u64, Vec<Chunk>> = BTreeMap::new();
     while !outstanding.is_empty() {
@@ -1127,8 +1155,13 @@ fn fuzz_connection(s: &Serve, images: &[Vec<u8>], seed: u64) {
     }
     sender.join().unwrap();
     assert!(partial.is_empty());
-    c.request(NbdCmd::Disc, 0, 0, 0, &[]);
-    assert!(c.closed(), "seed {seed}: no close after DISC");
+    if ending > 1 {
+        c.request(NbdCmd::Disc, 0, 0, 0, &[]);
+    }
+    assert!(
+        c.closed(),
+        "seed {seed}: no close after the stream's end ({ending})"
+    );
 }
 
 // ---- fio verify on a writable export ----
