@@ -383,6 +383,12 @@ fn transmission_request_errors_keep_the_stream_in_sync() {
         r[0].is_error() && r[0].error() == NBD_EINVAL,
         "T3 structured: {r:?}"
     );
+
+    // The same through libnbd with strict mode off (simple and structured replies).
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/nbd/strict_off.py");
+    let flat = std_chain().flat_path(0).display().to_string();
+    let out = run("/usr/bin/python3", &[script, &s.unix_uri("l0"), &flat]);
+    assert_eq!(out.trim(), "OK", "{out}");
 }
 
 /// Checks one structured READ reply against the image: chunks in range, not overlapping, DONE
