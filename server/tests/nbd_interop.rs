@@ -12,194 +12,38 @@
     reason = "test offsets and lengths are small (an 8 MiB device)"
 )]
 
+#[path = "common/nbd.rs"]
+mod nbd_common;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use nbd_common::{Chain, Raw, Serve, nbdcopy_to_vec, run};
 use thaw_codec::nbd::consts::*;
 use thaw_codec::nbd::reply::encode_option;
 use thaw_codec::nbd::{Command as NbdCmd, Request};
-use thaw_codec::{CompressionType, FileKind};
-use thaw_server::chain::{ChainManifest, ChainSpec, generate};
-use thaw_server::store::FileStore;
-use thaw_server::writer::WriteOptions;
 
 const SIZE: u64 = 8 * 1024 * 1024 + 3 * 4096;
 
-struct Fixture {
-    _dir: tempfile::TempDir,
-    store: PathBuf,
-    manifest: ChainManifest,
-}
-
-fn fixture() -> &'static Fixture {
-    static F: OnceLock<Fixture> = OnceLock::new();
-    F.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let store_dir = dir.path().join("store");
-        let store = FileStore::new(store_dir.clone());
-        let spec = ChainSpec {
-            layers: 2,
-            size: SIZE,
-            memfile_block_size: 4096,
-            files: vec![FileKind::Rootfs],
-            seed: 7,
-            dirty_fraction: 0.15,
-            zero_fraction: 0.05,
-            write: WriteOptions {
-                codec: CompressionType::Zstd,
-                level: 1,
-                frame_size: 2 * 1024 * 1024,
-                header_version: 4,
-                workers: 2,
-                progress: false,
-            },
-        };
-        let manifest = generate(&store, &dir.path().join("expected"), &spec).unwrap();
-        Fixture {
-            _dir: dir,
-            store: store_dir,
-            manifest,
-        }
-    })
+/// A 3-layer zstd chain with holes (nil mappings), generated once per test run.
+fn fixture() -> &'static Chain {
+    static F: OnceLock<Chain> = OnceLock::new();
+    F.get_or_init(|| Chain::generate(2, SIZE, 7, 0.05, 2 * 1024 * 1024))
 }
 
 fn flat(layer: usize) -> Vec<u8> {
-    let f = &fixture().manifest.layers[layer].files["rootfs.ext4"];
-    std::fs::read(&f.flat).unwrap()
-}
-
-/// A running `thaw serve`, killed on drop.
-struct Serve {
-    child: Child,
-    dir: tempfile::TempDir,
-    sock: PathBuf,
-    port: u16,
-    metrics: Option<String>,
+    fixture().flat(layer)
 }
 
 impl Serve {
-    /// Serves every layer as export `lN` (plus `extra` arguments).
+    /// Serves every layer of the fixture as export `lN` (plus `extra` arguments).
     fn start(extra: &[&str]) -> Self {
-        let fx = fixture();
-        let dir = tempfile::tempdir().unwrap();
-        let sock = dir.path().join("nbd.sock");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_thaw"));
-        cmd.arg("serve")
-            .arg("--store")
-            .arg(&fx.store)
-            .arg("--listen")
-            .arg(format!("unix:{}", sock.display()))
-            .arg("--listen")
-            .arg("tcp:127.0.0.1:0")
-            .arg("--overlay-dir")
-            .arg(dir.path().join("overlay"));
-        for (i, l) in fx.manifest.layers.iter().enumerate() {
-            cmd.arg("--export").arg(format!("l{i}={}", l.build_id));
-        }
-        cmd.args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        let mut child = cmd.spawn().unwrap();
-        let out = child.stdout.take().unwrap();
-        let mut port = 0;
-        let mut metrics = None;
-        for line in BufReader::new(out).lines() {
-            let line = line.unwrap();
-            if let Some(url) = line.strip_prefix("metrics http://") {
-                metrics = Some(url.trim_end_matches("/metrics").to_string());
-            }
-            if let Some(rest) = line.split("nbd://127.0.0.1:").nth(1) {
-                port = rest.split('/').next().unwrap().parse().unwrap();
-            }
-            if line == "ready" {
-                break;
-            }
-        }
-        assert_ne!(port, 0, "thaw serve printed no TCP address");
-        Self {
-            child,
-            dir,
-            sock,
-            port,
-            metrics,
-        }
+        let f = fixture();
+        Self::start_with(&f.store_url(), &f.exports(), extra)
     }
-
-    fn unix_uri(&self, export: &str) -> String {
-        format!("nbd+unix:///{export}?socket={}", self.sock.display())
-    }
-
-    fn tcp_uri(&self, export: &str) -> String {
-        format!("nbd://127.0.0.1:{}/{export}", self.port)
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn fd_count(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
-            .unwrap()
-            .count()
-    }
-
-    fn sigterm(&self) {
-        let st = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.pid().to_string())
-            .status()
-            .unwrap();
-        assert!(st.success());
-    }
-
-    fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st;
-            }
-            assert!(Instant::now() < deadline, "thaw serve did not exit");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Runs a client tool; panics (never skips) when it is missing or fails.
-fn run(tool: &str, args: &[&str]) -> String {
-    let out = Command::new(tool)
-        .args(args)
-        .env("PATH", "/usr/bin:/usr/sbin:/bin")
-        .output()
-        .unwrap_or_else(|e| panic!("{tool} is required (ci/install.sh installs it): {e}"));
-    assert!(
-        out.status.success(),
-        "{tool} {args:?} failed: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn nbdcopy_to_vec(uri: &str, dir: &Path, extra: &[&str]) -> Vec<u8> {
-    let dst = dir.join(format!("copy-{}.raw", uuid::Uuid::new_v4()));
-    let mut args: Vec<&str> = extra.to_vec();
-    let dst_s = dst.display().to_string();
-    args.extend([uri, dst_s.as_str()]);
-    run("nbdcopy", &args);
-    let v = std::fs::read(&dst).unwrap();
-    std::fs::remove_file(&dst).unwrap();
-    v
 }
 
 #[test]
@@ -365,103 +209,6 @@ fn several_connections_at_once() {
     }
 }
 
-// ---- raw-socket client ----
-
-struct Raw {
-    s: UnixStream,
-}
-
-impl Raw {
-    /// Connects and sends fixed-newstyle client flags (no NO_ZEROES).
-    fn connect(sock: &Path) -> Self {
-        let mut s = UnixStream::connect(sock).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let mut g = [0u8; 18];
-        s.read_exact(&mut g).unwrap();
-        assert_eq!(&g[..8], &NBDMAGIC.to_be_bytes());
-        assert_eq!(&g[8..16], &IHAVEOPT.to_be_bytes());
-        s.write_all(&CLIENT_FIXED_NEWSTYLE.to_be_bytes()).unwrap();
-        Self { s }
-    }
-
-    fn option(&mut self, opt: u32, data: &[u8]) {
-        let mut out = Vec::new();
-        encode_option(&mut out, opt, data).unwrap();
-        self.s.write_all(&out).unwrap();
-    }
-
-    /// One option reply: (option, type, data).
-    fn reply(&mut self) -> (u32, u32, Vec<u8>) {
-        let mut h = [0u8; 20];
-        self.s.read_exact(&mut h).unwrap();
-        assert_eq!(&h[..8], &REPLY_MAGIC.to_be_bytes());
-        let opt = u32::from_be_bytes(h[8..12].try_into().unwrap());
-        let ty = u32::from_be_bytes(h[12..16].try_into().unwrap());
-        let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
-        let mut d = vec![0u8; len as usize];
-        self.s.read_exact(&mut d).unwrap();
-        (opt, ty, d)
-    }
-
-    /// GO for `name` (simple replies); returns the export size and flags.
-    fn go(&mut self, name: &str) -> (u64, u16) {
-        let mut d = Vec::new();
-        d.extend_from_slice(&(name.len() as u32).to_be_bytes());
-        d.extend_from_slice(name.as_bytes());
-        d.extend_from_slice(&0u16.to_be_bytes());
-        self.option(OPT_GO, &d);
-        let mut info = None;
-        loop {
-            let (opt, ty, data) = self.reply();
-            assert_eq!(opt, OPT_GO);
-            match ty {
-                REP_INFO if data[..2] == INFO_EXPORT.to_be_bytes() => {
-                    info = Some((
-                        u64::from_be_bytes(data[2..10].try_into().unwrap()),
-                        u16::from_be_bytes(data[10..12].try_into().unwrap()),
-                    ));
-                }
-                REP_INFO => {}
-                REP_ACK => return info.expect("GO acked without NBD_INFO_EXPORT"),
-                other => panic!("GO failed with reply type {other:#x}"),
-            }
-        }
-    }
-
-    fn request(&mut self, cmd: NbdCmd, cookie: u64, offset: u64, length: u32, payload: &[u8]) {
-        let r = Request {
-            flags: 0,
-            command: cmd,
-            cookie,
-            offset,
-            length,
-        };
-        self.s.write_all(&r.to_bytes()).unwrap();
-        self.s.write_all(payload).unwrap();
-    }
-
-    /// A simple reply: (error, cookie), then `data_len` bytes when error == 0.
-    fn simple(&mut self, data_len: usize) -> (u32, u64, Vec<u8>) {
-        let mut h = [0u8; 16];
-        self.s.read_exact(&mut h).unwrap();
-        assert_eq!(&h[..4], &SIMPLE_REPLY_MAGIC.to_be_bytes());
-        let err = u32::from_be_bytes(h[4..8].try_into().unwrap());
-        let cookie = u64::from_be_bytes(h[8..16].try_into().unwrap());
-        let mut d = Vec::new();
-        if err == 0 {
-            d.resize(data_len, 0);
-            self.s.read_exact(&mut d).unwrap();
-        }
-        (err, cookie, d)
-    }
-
-    /// True when the server closed the connection (EOF, or a reset).
-    fn closed(&mut self) -> bool {
-        let mut b = [0u8; 1];
-        matches!(self.s.read(&mut b), Ok(0) | Err(_))
-    }
-}
-
 #[test]
 fn raw_handshake_violations_close_and_unknown_options_are_skipped() {
     let s = Serve::start(&["--read-only"]);
@@ -552,56 +299,6 @@ fn raw_transmission_errors_keep_the_stream_in_sync() {
     // T1: bad request magic: closed.
     c.s.write_all(&[0u8; 28]).unwrap();
     assert!(c.closed(), "T1: bad request magic must close");
-}
-
-#[test]
-fn connect_disconnect_cycles_leak_no_fds() {
-    let s = Serve::start(&["--read-only"]);
-    // Warm up (first connections create runtime state), then measure.
-    for _ in 0..5 {
-        let mut c = Raw::connect(&s.sock);
-        c.go("l0");
-        c.request(NbdCmd::Disc, 0, 0, 0, &[]);
-        assert!(c.closed());
-    }
-    std::thread::sleep(Duration::from_millis(200));
-    let before = s.fd_count();
-    for i in 0..300 {
-        match i % 3 {
-            0 => {
-                let mut c = Raw::connect(&s.sock);
-                c.go("l0");
-                c.request(NbdCmd::Read, 1, 0, 4096, &[]);
-                c.simple(4096);
-                c.request(NbdCmd::Disc, 0, 0, 0, &[]);
-                assert!(c.closed());
-            }
-            1 => {
-                // Vanish mid-handshake.
-                let c = Raw::connect(&s.sock);
-                drop(c);
-            }
-            _ => {
-                // Vanish with a request in flight.
-                let mut c = Raw::connect(&s.sock);
-                c.go("l1");
-                c.request(NbdCmd::Read, 1, 0, 1 << 20, &[]);
-                drop(c);
-            }
-        }
-    }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let now = s.fd_count();
-        if now <= before {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "fd count grew from {before} to {now} over 300 connections"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 #[test]
