@@ -26,7 +26,7 @@ if ! grep -q "test result: ok" target/test-output.txt; then
 fi
 
 if [ "${SKIP_KERNEL_NBD:-0}" != 1 ]; then
-  echo "== kernel nbd.ko client against thaw serve (TCG guest; ~20 s, first run +~30 s of packages)"
+  echo "== kernel nbd.ko: nbd-client against thaw serve, and thaw serve --attach in the guest (TCG; ~40-60 s, first run +~30 s of packages)"
   THAW_PROFILE=dev ci/nbd-kernel-guest.sh target/nbd-kernel-guest
 fi
 

@@ -12,6 +12,7 @@ use thaw_codec::{BuildId, FileKind};
 use super::engine_args::{EngineArgs, parse_duration};
 use super::parse_size;
 use crate::engine::Engine;
+use crate::nbd::attach::{self, AttachOptions, Attached, Device};
 use crate::nbd::{Export, ListenAddr, Overlay, ServeOptions, Server};
 
 /// Help text.
@@ -19,12 +20,47 @@ pub const LONG_ABOUT: &str = "Serve build files over NBD (unix sockets and TCP) 
 (qemu, nbdcopy, nbdinfo, fio, the kernel's nbd-client). Reads go through the engine (lazy, \
 cached, layered; zero-copy from the cache); writes land in a local copy-on-write overlay unless \
 --read-only. SIGTERM/SIGINT: stop accepting, answer handshakes ERR_SHUTDOWN, finish in-flight \
-requests, exit.";
+requests, exit.\n\nKernel attach (--attach, root, the nbd module loaded): thaw configures a kernel nbd \
+device itself over generic netlink (NBD_CMD_CONNECT with --connections socketpairs, the export's \
+size, block size and transmission flags, --nbd-timeout and --dead-conn-timeout); the kernel \
+speaks the transmission phase directly (no handshake, simple replies). A device is free only \
+when /sys/block/nbdN has no pid file, size 0, inflight \"0 0\" and no holders; a busy \
+/dev/nbdN is refused, auto takes the lowest free one. `attached \"NAME\" /dev/nbdN` is printed \
+before `ready`. SIGTERM/SIGINT (and a failed start) send NBD_CMD_DISCONNECT first. After \
+SIGKILL the device stays configured with dead connections (I/O fails after the timeouts) until \
+`nbd-client -d /dev/nbdN`; a restarted thaw refuses it as busy until then.";
 
 /// Examples.
 pub const AFTER_HELP: &str = "Examples:\n  thaw serve --store file:///srv/builds --build UUID \
 --listen unix:/run/thaw.sock\n  thaw serve --store DIR --export disk=UUID:rootfs.ext4 --export \
-mem=UUID:memfile --listen tcp:127.0.0.1:10809 --read-only\n  nbdinfo --list nbd://127.0.0.1:10809";
+mem=UUID:memfile --listen tcp:127.0.0.1:10809 --read-only\n  nbdinfo --list nbd://127.0.0.1:10809\n  \
+thaw serve --store DIR --build UUID --attach /dev/nbd0 --connections 2 --nbd-timeout 90s\n  \
+thaw serve --store DIR --export disk=UUID --export mem=UUID:memfile --attach disk=auto \
+--listen unix:/run/thaw.sock";
+
+/// `[NAME=]DEVICE` of `--attach`: DEVICE is `/dev/nbdN` or `auto`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttachSpec {
+    /// The export (`None`: the only one).
+    pub export: Option<String>,
+    /// The device.
+    pub device: Device,
+}
+
+impl std::str::FromStr for AttachSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (export, dev) = match s.rsplit_once('=') {
+            Some((n, d)) => (Some(n.to_string()), d),
+            None => (None, s),
+        };
+        Ok(Self {
+            export,
+            device: dev.parse()?,
+        })
+    }
+}
 
 /// `NAME=BUILD[:FILE]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,9 +108,35 @@ pub struct ServeArgs {
     pub engine: EngineArgs,
 
     /// Listen on unix:PATH or tcp:HOST:PORT (repeatable; port 0 picks a free port, printed at
-    /// start).
-    #[arg(long = "listen", value_name = "ADDR", required = true)]
+    /// start). Optional with --attach.
+    #[arg(
+        long = "listen",
+        value_name = "ADDR",
+        required_unless_present = "attach"
+    )]
     pub listen: Vec<ListenAddr>,
+
+    /// Attach an export to a kernel nbd device, [NAME=]/dev/nbdN or [NAME=]auto (the lowest
+    /// free device), over generic netlink (root; modprobe nbd). NAME is needed with several
+    /// exports; repeatable (one device per attach). Refuses a busy device. See --help.
+    #[arg(long = "attach", value_name = "[NAME=]DEVICE")]
+    pub attach: Vec<AttachSpec>,
+
+    /// Connections (socketpairs) per attached device.
+    #[arg(long, value_name = "N", default_value_t = 2, requires = "attach")]
+    pub connections: usize,
+
+    /// The kernel's I/O timeout of an attached device (whole seconds); must exceed
+    /// --fetch-deadline, so a slow fetch is answered before the kernel gives up.
+    #[arg(long, value_name = "DURATION", default_value = "90s", value_parser = parse_duration,
+          requires = "attach")]
+    pub nbd_timeout: Duration,
+
+    /// How long the kernel waits for a dead connection of an attached device to come back
+    /// before failing its I/O (whole seconds).
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration,
+          requires = "attach")]
+    pub dead_conn_timeout: Duration,
 
     /// An export NAME=BUILD[:FILE] (repeatable; FILE defaults to rootfs.ext4). The first is the
     /// default export (what an empty export name selects).
@@ -211,6 +273,37 @@ pub fn print_uris(server: &Server) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The export index and device of each `--attach`.
+///
+/// # Errors
+/// No or an unknown export name where one is needed; a device given twice.
+pub fn attach_targets(
+    attach: &[AttachSpec],
+    specs: &[ExportSpec],
+) -> anyhow::Result<Vec<(usize, Device)>> {
+    let mut out: Vec<(usize, Device)> = Vec::new();
+    for a in attach {
+        let i = match &a.export {
+            Some(n) => specs
+                .iter()
+                .position(|s| &s.name == n)
+                .with_context(|| format!("--attach {n}=...: no export named {n:?}"))?,
+            None if specs.len() == 1 => 0,
+            None => bail!(
+                "--attach: {} exports, say which one (--attach NAME=/dev/nbdN or NAME=auto)",
+                specs.len()
+            ),
+        };
+        if let Device::Index(d) = a.device
+            && out.iter().any(|(_, x)| *x == a.device)
+        {
+            bail!("--attach: /dev/nbd{d} given twice");
+        }
+        out.push((i, a.device));
+    }
+    Ok(out)
+}
+
 /// Runs `thaw serve`.
 pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     let specs: Vec<ExportSpec> = match args.build {
@@ -223,6 +316,15 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     };
     if specs.is_empty() {
         bail!("nothing to serve: give --build ID or --export NAME=BUILD[:FILE]");
+    }
+    let attach_to = attach_targets(&args.attach, &specs)?;
+    if !attach_to.is_empty() && args.nbd_timeout <= args.engine.fetch_deadline {
+        bail!(
+            "--nbd-timeout {:?} must exceed --fetch-deadline {:?}: the kernel would fail a read \
+             the engine is still fetching (EIO in the guest)",
+            args.nbd_timeout,
+            args.engine.fetch_deadline
+        );
     }
     let engine = Arc::new(args.engine.engine()?);
     let metrics = match args.metrics.as_deref() {
@@ -253,6 +355,24 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     ])
     .context("installing signal handlers")?;
     let server = Server::start(exports, &opts)?;
+    // Declared after the server: on an early return they are dropped (disconnected) first.
+    let mut attached: Vec<Attached> = Vec::new();
+    for (export, device) in attach_to {
+        let a = attach::attach(
+            &server,
+            export,
+            &AttachOptions {
+                device,
+                connections: args.connections,
+                io_timeout: args.nbd_timeout,
+                dead_conn_timeout: args.dead_conn_timeout,
+                sysfs: PathBuf::from("/sys"),
+            },
+        )
+        .with_context(|| format!("attaching export {:?}", specs[export].name))?;
+        println!("attached {:?} {}", a.export(), a.device().display());
+        attached.push(a);
+    }
     if let Some(m) = &metrics {
         println!("metrics http://{}/metrics", m.addr());
     }
@@ -263,6 +383,24 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         .unwrap_or(signal_hook::consts::SIGTERM);
     tracing::info!(signal = sig, "nbd: shutting down");
     eprintln!("thaw serve: signal {sig}, draining");
+    // Kernel devices first: the kernel sends NBD_CMD_DISC on each connection and shuts them
+    // down, then the server drains whatever is left.
+    for a in attached {
+        let dev = a.device();
+        match a.detach(Duration::from_secs(2)) {
+            Ok(busy) if busy.is_empty() => eprintln!("thaw serve: {} disconnected", dev.display()),
+            Ok(busy) => {
+                let why: Vec<String> = busy.iter().map(ToString::to_string).collect();
+                eprintln!(
+                    "thaw serve: {} disconnected but still busy ({}): the kernel keeps it until \
+                     its last opener (a mount?) closes it",
+                    dev.display(),
+                    why.join("; ")
+                );
+            }
+            Err(e) => eprintln!("thaw serve: {e:#}"),
+        }
+    }
     let left = server.shutdown(args.drain_timeout);
     if left > 0 {
         eprintln!("thaw serve: {left} connections still open at the drain deadline");
@@ -297,5 +435,40 @@ mod tests {
         );
         assert!("tcp:127.0.0.1".parse::<ListenAddr>().is_err());
         assert!("udp:x:1".parse::<ListenAddr>().is_err());
+    }
+
+    #[test]
+    fn attach_specs_name_the_export() {
+        let id: BuildId = "4f1c2b9e-8a8e-4b7e-9a53-0c1d2e3f4a5b".parse().unwrap();
+        let spec = |name: &str| ExportSpec {
+            name: name.into(),
+            build: id,
+            file: FileKind::Rootfs,
+        };
+        let a = |s: &str| s.parse::<AttachSpec>().unwrap();
+        assert_eq!(
+            a("/dev/nbd3"),
+            AttachSpec {
+                export: None,
+                device: Device::Index(3)
+            }
+        );
+        assert_eq!(a("disk=auto").export.as_deref(), Some("disk"));
+        assert!("disk=/dev/sda".parse::<AttachSpec>().is_err());
+        assert!("nbd0".parse::<AttachSpec>().is_err());
+        let one = [spec("")];
+        let two = [spec("disk"), spec("mem")];
+        assert_eq!(
+            attach_targets(&[a("auto")], &one).unwrap(),
+            vec![(0, Device::Auto)]
+        );
+        let err = attach_targets(&[a("/dev/nbd0")], &two).unwrap_err();
+        assert!(err.to_string().contains("say which one"), "{err}");
+        assert_eq!(
+            attach_targets(&[a("mem=/dev/nbd1"), a("disk=auto")], &two).unwrap(),
+            vec![(1, Device::Index(1)), (0, Device::Auto)]
+        );
+        assert!(attach_targets(&[a("nope=auto")], &two).is_err());
+        assert!(attach_targets(&[a("disk=/dev/nbd1"), a("mem=/dev/nbd1")], &two).is_err());
     }
 }

@@ -42,7 +42,7 @@ const MAX_EXTENTS: usize = 1024;
 /// Serves one connection to the end; the socket is shut down before returning.
 pub(crate) async fn serve(stream: Stream, shared: Arc<Shared>, id: u64) {
     let mut shutdown = shared.shutdown.clone();
-    let (neg, mut reader) = match handshake(&stream, &shared, &mut shutdown, id).await {
+    let (neg, reader) = match handshake(&stream, &shared, &mut shutdown, id).await {
         Ok(Some(x)) => x,
         Ok(None) => {
             stream.shutdown();
@@ -54,6 +54,32 @@ pub(crate) async fn serve(stream: Stream, shared: Arc<Shared>, id: u64) {
             return;
         }
     };
+    transmit(stream, shared, id, neg, reader, shutdown).await;
+}
+
+/// Serves a connection that starts in the transmission phase, as if a handshake had produced
+/// `neg` (kernel attach: the kernel's nbd client was configured over netlink with `neg`'s flags
+/// and speaks no handshake). The socket is shut down before returning.
+pub(crate) async fn serve_negotiated(
+    stream: Stream,
+    shared: Arc<Shared>,
+    id: u64,
+    neg: Negotiated,
+) {
+    let shutdown = shared.shutdown.clone();
+    let reader = Reader::new(&[], 16 * 1024);
+    transmit(stream, shared, id, neg, reader, shutdown).await;
+}
+
+/// The transmission phase, to the end of the connection.
+async fn transmit(
+    stream: Stream,
+    shared: Arc<Shared>,
+    id: u64,
+    neg: Negotiated,
+    mut reader: Reader,
+    mut shutdown: watch::Receiver<bool>,
+) {
     shared.counters.bump_negotiated();
     let Some(export) = shared.exports.get(neg.export_index).cloned() else {
         stream.shutdown();

@@ -18,6 +18,7 @@
 //! `ERR_SHUTDOWN` for their next options (for a short grace), connections in transmission stop
 //! reading, finish their in-flight requests and close. See `docs/nbd-server.md`.
 
+pub mod attach;
 mod conn;
 pub mod io;
 pub mod overlay;
@@ -31,11 +32,13 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use thaw_codec::nbd::{BlockSize, Command, ExportConfig, ExportFeatures, HandshakeConfig};
+use thaw_codec::nbd::{
+    BlockSize, Command, ExportConfig, ExportFeatures, HandshakeConfig, Negotiated,
+};
 use tokio::sync::watch;
 
 use crate::engine::LayeredFile;
-use crate::runtime::{Handle, Runtime};
+use crate::runtime::{Handle, Runtime, TaskError};
 pub use overlay::Overlay;
 
 /// Default handshake deadline: generous, because a slow (emulated) guest's `nbd-client` may take
@@ -180,7 +183,8 @@ impl BoundAddr {
 /// Server settings.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
-    /// Listeners.
+    /// Listeners (none: only connections handed in with [`Server::serve_negotiated`], as kernel
+    /// attach does).
     pub listen: Vec<ListenAddr>,
     /// Runtime workers (0 = one per core).
     pub workers: usize,
@@ -274,6 +278,9 @@ pub struct Server {
     bound: Vec<BoundAddr>,
     exports: Vec<Arc<Export>>,
     counters: Arc<ServerCounters>,
+    shared: Arc<Shared>,
+    next_id: Arc<AtomicU64>,
+    next_worker: AtomicUsize,
 }
 
 #[derive(Debug)]
@@ -302,14 +309,11 @@ impl Server {
     /// Binds every listener and starts serving `exports` (the first is the default export).
     ///
     /// # Errors
-    /// No export or listener; invalid export set (duplicate names); a listener that cannot be
-    /// bound; the runtime cannot start.
+    /// No export; invalid export set (duplicate names); a listener that cannot be bound; the
+    /// runtime cannot start.
     pub fn start(exports: Vec<Export>, opts: &ServeOptions) -> anyhow::Result<Self> {
         if exports.is_empty() {
             bail!("no export to serve");
-        }
-        if opts.listen.is_empty() {
-            bail!("no listener (--listen unix:PATH or tcp:HOST:PORT)");
         }
         let exports: Vec<Arc<Export>> = exports.into_iter().map(Arc::new).collect();
         let handshake = HandshakeConfig::new(exports.iter().map(|e| e.config.clone()).collect());
@@ -343,6 +347,9 @@ impl Server {
             bound: Vec::new(),
             exports,
             counters,
+            shared: Arc::clone(&shared),
+            next_id: Arc::clone(&next_id),
+            next_worker: AtomicUsize::new(0),
         };
         for l in &opts.listen {
             let (addr, listener) = bind(l)?;
@@ -382,6 +389,35 @@ impl Server {
     /// Counters.
     pub fn counters(&self) -> &ServerCounters {
         &self.counters
+    }
+
+    /// Serves `stream` as a connection of export `neg.export_index` that starts in the
+    /// transmission phase with `neg`'s flags (no handshake): the server end of a socketpair whose
+    /// other end the kernel's nbd driver uses (kernel attach, [`attach`]). The connection counts
+    /// as live and drains on [`Server::shutdown`] like any other.
+    ///
+    /// # Errors
+    /// No such export; the server is stopping (no worker takes the connection).
+    pub fn serve_negotiated(&self, stream: UnixStream, neg: Negotiated) -> anyhow::Result<()> {
+        if neg.export_index >= self.exports.len() {
+            bail!("no export #{}", neg.export_index);
+        }
+        let Some(rt) = self.runtime.as_ref() else {
+            bail!("the server is stopped");
+        };
+        let handle = rt.handle();
+        let worker = self.next_worker.fetch_add(1, Ordering::Relaxed) % handle.workers().max(1);
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        spawn_conn(
+            handle,
+            &self.shared,
+            &self.live,
+            id,
+            worker,
+            Accepted::Unix(stream),
+            Some(neg),
+        )
+        .map_err(|e| anyhow::anyhow!("no worker for the connection: {e}"))
     }
 
     /// Connections currently open.
@@ -532,35 +568,52 @@ impl AcceptCtx {
                 continue;
             }
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-            self.shared
-                .counters
-                .connections
-                .fetch_add(1, Ordering::Relaxed);
-            self.live.fetch_add(1, Ordering::AcqRel);
-            metrics::counter!("thaw_nbd_connections_total").increment(1);
-            metrics::gauge!("thaw_nbd_connections_active").increment(1.0);
-            let guard = LiveGuard(Arc::clone(&self.live));
-            let shared = Arc::clone(&self.shared);
             let worker = next_worker % self.handle.workers().max(1);
             next_worker = next_worker.wrapping_add(1);
-            let spawned = self.handle.spawn_on(worker, move || async move {
-                let _guard = guard;
-                let stream = match stream {
-                    Accepted::Tcp(s) => io::Stream::Tcp(tokio_uring::net::TcpStream::from_std(s)),
-                    Accepted::Unix(s) => {
-                        io::Stream::Unix(tokio_uring::net::UnixStream::from_std(s))
-                    }
-                };
-                tracing::debug!(conn = id, worker, "nbd: connection");
-                conn::serve(stream, shared, id).await;
-            });
-            match spawned {
-                Ok(h) => drop(h),
-                Err(e) => {
-                    // The guard went down with the closure; the socket with it.
-                    tracing::warn!(error = %e, "nbd: no worker for a connection");
-                }
+            if let Err(e) = spawn_conn(
+                &self.handle,
+                &self.shared,
+                &self.live,
+                id,
+                worker,
+                stream,
+                None,
+            ) {
+                tracing::warn!(error = %e, "nbd: no worker for a connection");
             }
         }
     }
+}
+
+/// Counts connection `id` as live and serves it on `worker`: the handshake first, or straight
+/// in transmission with `neg` (kernel attach). On error the socket is closed (it went down with
+/// the task's closure) and the live count is back where it was.
+fn spawn_conn(
+    handle: &Handle,
+    shared: &Arc<Shared>,
+    live: &Arc<AtomicUsize>,
+    id: u64,
+    worker: usize,
+    stream: Accepted,
+    neg: Option<Negotiated>,
+) -> Result<(), TaskError> {
+    shared.counters.connections.fetch_add(1, Ordering::Relaxed);
+    live.fetch_add(1, Ordering::AcqRel);
+    metrics::counter!("thaw_nbd_connections_total").increment(1);
+    metrics::gauge!("thaw_nbd_connections_active").increment(1.0);
+    let guard = LiveGuard(Arc::clone(live));
+    let shared = Arc::clone(shared);
+    let spawned = handle.spawn_on(worker, move || async move {
+        let _guard = guard;
+        let stream = match stream {
+            Accepted::Tcp(s) => io::Stream::Tcp(tokio_uring::net::TcpStream::from_std(s)),
+            Accepted::Unix(s) => io::Stream::Unix(tokio_uring::net::UnixStream::from_std(s)),
+        };
+        tracing::debug!(conn = id, worker, kernel = neg.is_some(), "nbd: connection");
+        match neg {
+            None => conn::serve(stream, shared, id).await,
+            Some(neg) => conn::serve_negotiated(stream, shared, id, neg).await,
+        }
+    });
+    spawned.map(drop)
 }
