@@ -378,6 +378,9 @@ fn a_corrupt_object_is_refused_and_a_corrupt_cache_file_falls_through() {
         let mut all = vec![0u8; want.len()];
         f.read_at(0, &mut all).unwrap();
         assert!(all == want);
+        // Write-backs finish on the fetch threads after the readers are woken: wait for them,
+        // or a frame file written after the corruption below would be a valid hit.
+        assert!(engine.drain(Duration::from_secs(20)));
         assert!(engine.stats().writebacks > 0);
     }
     // Corrupt every cached frame file.
