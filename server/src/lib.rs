@@ -20,6 +20,7 @@ pub mod cache;
 pub mod chain;
 pub mod cli;
 pub mod engine;
+pub mod export;
 pub mod flatten;
 pub mod layout;
 pub mod metrics;
