@@ -304,3 +304,127 @@ fn close_refuses_later_writes_and_bad_requests_are_explained() {
         "{msg}"
     );
 }
+
+/// Large writes: most of the device, so that the snapshot takes long enough to be cut.
+fn write_bulk(sock: &Path, name: &str, model: &mut [u8], seed: u64) {
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let mut c = Raw::connect(sock);
+    c.go(name);
+    let chunk = 1u32 << 20;
+    for (i, off) in (0..model.len() as u64).step_by(chunk as usize).enumerate() {
+        if i % 4 == 3 {
+            continue; // leave some blocks to the parent
+        }
+        let mut data = vec![0u8; chunk as usize];
+        rng.fill(&mut data[..]);
+        c.request(NbdCmd::Write, i as u64, off, chunk, &data);
+        model[off as usize..off as usize + chunk as usize].copy_from_slice(&data);
+        assert_eq!(c.simple(0).0, 0);
+    }
+}
+
+#[test]
+fn a_snapshot_killed_at_any_point_leaves_no_wrong_build_and_the_next_one_succeeds() {
+    let size = 24 * 1024 * 1024;
+    let chain = Chain::generate(1, size, 51, 0.05, 1024 * 1024);
+    let scratch = tempfile::tempdir().unwrap();
+    let mut outcomes = (0, 0);
+    for (round, delay_ms) in [0u64, 3, 10, 25, 60, 150].into_iter().enumerate() {
+        let new = uuid::Uuid::new_v4();
+        let new_s = new.to_string();
+        let control = scratch.path().join(format!("kill-{round}.sock"));
+        let control_s = control.display().to_string();
+        let mut model = chain.flat(1);
+        let mut serve = Serve::start_with(
+            &chain.store_url(),
+            &[("disk".to_string(), chain.build(1))],
+            &["--control", &control_s, "--workers", "1"],
+        );
+        write_bulk(&serve.sock, "disk", &mut model, round as u64);
+        let mut snap = Command::new(env!("CARGO_BIN_EXE_thaw"))
+            .args([
+                "ctl",
+                "--control",
+                &control_s,
+                "snapshot",
+                "disk",
+                "--new-build",
+                &new_s,
+            ])
+            .args(["--codec", "zstd:3", "--frame-size", "1MiB"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        serve.child.kill().unwrap();
+        serve.child.wait().unwrap();
+        let _ = snap.wait();
+        let header = chain.store.join(&new_s).join("rootfs.ext4.header");
+        if header.exists() {
+            // Completed before the kill: it must be exactly right.
+            outcomes.1 += 1;
+            assert!(
+                read_build(&chain, new, scratch.path()) == model,
+                "round {round}: a complete but wrong build"
+            );
+            inspect_verify(&chain, new);
+        } else {
+            outcomes.0 += 1;
+            // Whatever else is there (a data object, temporary files) opens nothing.
+            let out = Command::new(env!("CARGO_BIN_EXE_thaw"))
+                .args([
+                    "read",
+                    "--store",
+                    &chain.store_url(),
+                    "--build",
+                    &new_s,
+                    "--length",
+                    "4096",
+                    "-o",
+                    "-",
+                ])
+                .output()
+                .unwrap();
+            assert!(
+                !out.status.success(),
+                "round {round}: a build without a header was readable"
+            );
+        }
+        // The parent is untouched, and the next snapshot under the same id succeeds.
+        assert!(read_build(&chain, chain.build(1), scratch.path()) == chain.flat(1));
+        let control2 = scratch.path().join(format!("retry-{round}.sock"));
+        let control2_s = control2.display().to_string();
+        let serve2 = Serve::start_with(
+            &chain.store_url(),
+            &[("disk".to_string(), chain.build(1))],
+            &["--control", &control2_s],
+        );
+        let mut again = chain.flat(1);
+        write_bulk(&serve2.sock, "disk", &mut again, round as u64);
+        assert!(again == model);
+        ctl_json(
+            &control2,
+            &[
+                "snapshot",
+                "disk",
+                "--new-build",
+                &new_s,
+                "--codec",
+                "zstd:3",
+                "--frame-size",
+                "1MiB",
+            ],
+        );
+        drop(serve2);
+        assert!(
+            read_build(&chain, new, scratch.path()) == model,
+            "round {round}: the retried snapshot"
+        );
+        inspect_verify(&chain, new);
+    }
+    eprintln!(
+        "killed before the header: {}, completed before the kill: {}",
+        outcomes.0, outcomes.1
+    );
+}
