@@ -19,7 +19,9 @@
 pub mod cache;
 pub mod chain;
 pub mod cli;
+pub mod control;
 pub mod engine;
+pub mod export;
 pub mod flatten;
 pub mod layout;
 pub mod metrics;

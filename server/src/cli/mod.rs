@@ -9,6 +9,7 @@ use thaw_codec::{CompressionType, FileKind};
 use crate::store::Store;
 
 pub mod compress;
+pub mod ctl;
 pub mod demo;
 pub mod engine_args;
 pub mod inspect;
@@ -32,6 +33,10 @@ pub struct Cli {
 
 /// The subcommands.
 #[derive(Debug, Subcommand)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "parsed once per process; boxing buys nothing"
+)]
 pub enum Command {
     /// Turn an uncompressed build into a framed, compressed one (zstd or LZ4).
     #[command(long_about = compress::LONG_ABOUT, after_help = compress::AFTER_HELP)]
@@ -51,6 +56,9 @@ pub enum Command {
     /// Serve a VM's memory to Firecracker (UFFD snapshot backend) from a build's memfile.
     #[command(long_about = uffd::LONG_ABOUT)]
     Uffd(uffd::UffdArgs),
+    /// Control a running `thaw serve --control PATH`: list exports, snapshot one (pause).
+    #[command(long_about = ctl::LONG_ABOUT)]
+    Ctl(ctl::CtlArgs),
 }
 
 /// Runs a parsed command line.
@@ -62,6 +70,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => serve::run(&args),
         Command::Demo(args) => demo::run(&args),
         Command::Uffd(args) => uffd::run(&args),
+        Command::Ctl(args) => ctl::run(&args),
     }
 }
 

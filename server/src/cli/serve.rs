@@ -188,6 +188,11 @@ pub struct ServeArgs {
     /// READ/WRITE payload bytes in flight per connection (backpressure above it).
     #[arg(long, value_name = "SIZE", default_value = "256MiB", value_parser = parse_size)]
     pub max_inflight: u64,
+
+    /// Serve the control API (HTTP/1.1 + JSON, docs/control-api.yaml) on this unix socket:
+    /// list the exports, snapshot a writable export's changes into a new layer (`thaw ctl`).
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
 }
 
 /// The overlay directory: the given one, or a temporary one removed when dropped.
@@ -373,8 +378,21 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         println!("attached {:?} {}", a.export(), a.device().display());
         attached.push(a);
     }
+    let control = match &args.control {
+        Some(path) => Some(crate::control::ControlServer::start(
+            path,
+            Arc::new(crate::control::ControlContext {
+                exports: server.exports().to_vec(),
+                store: Arc::clone(engine.store()),
+            }),
+        )?),
+        None => None,
+    };
     if let Some(m) = &metrics {
         println!("metrics http://{}/metrics", m.addr());
+    }
+    if let Some(c) = &control {
+        println!("control unix:{}", c.path().display());
     }
     print_uris(&server)?;
     let sig = signals
@@ -405,6 +423,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     if left > 0 {
         eprintln!("thaw serve: {left} connections still open at the drain deadline");
     }
+    drop(control);
     drop(overlay_dir);
     drop(metrics);
     Ok(())

@@ -398,7 +398,7 @@ async fn handle(conn: &Conn, req: Request, payload: Option<Vec<u8>>) {
         Command::BlockStatus => return block_status_reply(conn, &req).await,
         Command::Write => write(conn, &req, payload.unwrap_or_default()).await,
         Command::WriteZeroes => write_zeroes(conn, &req).await,
-        Command::Trim => trim(conn, &req),
+        Command::Trim => trim(conn, &req).await,
         Command::Flush => flush(conn)
             .await
             .map_err(|e| (io_errno(&e, 0), e.to_string())),
@@ -422,6 +422,15 @@ type ReqResult<T> = Result<T, (Errno, String)>;
 
 fn read_err(e: &crate::engine::ReadError, flags: u16) -> (Errno, String) {
     (Errno::from_linux(e.errno(), flags), e.to_string())
+}
+
+/// Passes the export's write gate (see [`super::gate`]): refused writes get `ESHUTDOWN`.
+async fn pass_gate(export: &Export) -> ReqResult<tokio::sync::RwLockReadGuard<'_, ()>> {
+    export
+        .gate
+        .enter()
+        .await
+        .map_err(|why| (Errno::Shutdown, why.to_string()))
 }
 
 /// The base bytes of the blocks a write covers partially.
@@ -450,6 +459,7 @@ async fn write(conn: &Conn, req: &Request, data: Vec<u8>) -> ReqResult<()> {
     let Some(ov) = export.overlay.as_ref() else {
         return Err((Errno::Perm, "read-only export".into()));
     };
+    let _pass = pass_gate(export).await?;
     let base = base_blocks(export, req.offset, data.len() as u64, req.flags).await?;
     ov.write(req.offset, &data, &base)
         .map_err(|e| (io_errno(&e, req.flags), e.to_string()))?;
@@ -467,6 +477,7 @@ async fn write_zeroes(conn: &Conn, req: &Request) -> ReqResult<()> {
         return Err((Errno::Perm, "read-only export".into()));
     };
     let len = u64::from(req.length);
+    let _pass = pass_gate(export).await?;
     let base = base_blocks(export, req.offset, len, req.flags).await?;
     ov.write_zeroes(req.offset, len, req.has_flag(CMD_FLAG_NO_HOLE), &base)
         .map_err(|e| (io_errno(&e, req.flags), e.to_string()))?;
@@ -478,10 +489,11 @@ async fn write_zeroes(conn: &Conn, req: &Request) -> ReqResult<()> {
     Ok(())
 }
 
-fn trim(conn: &Conn, req: &Request) -> ReqResult<()> {
+async fn trim(conn: &Conn, req: &Request) -> ReqResult<()> {
     let Some(ov) = conn.export.overlay.as_ref() else {
         return Err((Errno::Perm, "read-only export".into()));
     };
+    let _pass = pass_gate(&conn.export).await?;
     ov.trim(req.offset, u64::from(req.length))
         .map_err(|e| (io_errno(&e, req.flags), e.to_string()))
 }

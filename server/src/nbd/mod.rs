@@ -20,6 +20,7 @@
 
 pub mod attach;
 mod conn;
+pub mod gate;
 pub mod io;
 pub mod overlay;
 
@@ -39,6 +40,7 @@ use tokio::sync::watch;
 
 use crate::engine::LayeredFile;
 use crate::runtime::{Handle, Runtime, TaskError};
+pub use gate::{HeldWrites, WriteGate};
 pub use overlay::Overlay;
 
 /// Default handshake deadline: generous, because a slow (emulated) guest's `nbd-client` may take
@@ -64,6 +66,8 @@ pub struct Export {
     pub file: Arc<LayeredFile>,
     /// The copy-on-write overlay (`None`: read-only).
     pub overlay: Option<Arc<Overlay>>,
+    /// Holds writes back while the export is snapshotted (pause).
+    pub gate: WriteGate,
 }
 
 impl Export {
@@ -125,6 +129,7 @@ impl Export {
             config,
             file,
             overlay,
+            gate: WriteGate::default(),
         })
     }
 }

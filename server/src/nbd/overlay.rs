@@ -94,6 +94,8 @@ pub struct Overlay {
     dirty: Bits,
     zero: Bits,
     write_lock: Mutex<()>,
+    /// Bumped by every write, write-zeroes and trim (see [`Overlay::generation`]).
+    generation: AtomicU64,
 }
 
 /// Base contents of the blocks a write covers partially, fetched by the caller before
@@ -140,6 +142,7 @@ impl Overlay {
             dirty: Bits::new(blocks),
             zero: Bits::new(blocks),
             write_lock: Mutex::new(()),
+            generation: AtomicU64::new(0),
         })
     }
 
@@ -167,6 +170,23 @@ impl Overlay {
         } else {
             BlockState::Base
         }
+    }
+
+    /// A counter bumped by every mutation (write, write-zeroes, trim), whether or not it changed
+    /// a block's state: an export that reads the same value before and after ran with no write
+    /// in between.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// [`generation`](Self::generation) read after the mutations in progress have finished (it
+    /// takes the write lock for a moment): what an export compares with after its last read.
+    pub fn settled_generation(&self) -> u64 {
+        let _g = self
+            .write_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        self.generation.load(Ordering::Acquire)
     }
 
     /// Whether any block was ever written or zeroed.
@@ -254,6 +274,7 @@ impl Overlay {
             .write_lock
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
+        self.generation.fetch_add(1, Ordering::AcqRel);
         let len = data.len() as u64;
         let end = offset + len;
         let bs = usize::try_from(self.block).map_err(io::Error::other)?;
@@ -362,6 +383,7 @@ impl Overlay {
                 .write_lock
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
+            self.generation.fetch_add(1, Ordering::AcqRel);
             let at = r.start * self.block;
             let stop = (r.end * self.block).min(self.size);
             if no_hole {
@@ -419,6 +441,7 @@ impl Overlay {
             .write_lock
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
+        self.generation.fetch_add(1, Ordering::AcqRel);
         let at = first * self.block;
         let stop = (last * self.block).min(self.size);
         self.punch(at, stop - at)?;

@@ -1,0 +1,131 @@
+//! `thaw ctl`: the command-line client of a running `thaw serve --control PATH`.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use thaw_codec::BuildId;
+
+use crate::control::{After, SnapshotRequest, call};
+use crate::nbd::HeldWrites;
+
+use super::parse_size;
+
+/// Long help of `thaw ctl`.
+pub const LONG_ABOUT: &str = "Talk to a running `thaw serve --control PATH` (HTTP/1.1 + JSON on a \
+unix socket; the API is in docs/control-api.yaml). Prints the JSON reply; exits non-zero with the \
+server's error message when the request fails.";
+
+/// `thaw ctl` arguments.
+#[derive(Debug, Args)]
+pub struct CtlArgs {
+    /// The control socket of the server (`thaw serve --control PATH`).
+    #[arg(long, value_name = "PATH")]
+    pub control: PathBuf,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub action: CtlAction,
+}
+
+/// `thaw ctl` actions.
+#[derive(Debug, Subcommand)]
+pub enum CtlAction {
+    /// List the exports: build, size, state, overlay counters.
+    Exports,
+    /// Store a writable export's changes as a new layer over the served build (pause). Writes
+    /// are held back meanwhile; the reply describes the stored layer. Repeating the request with
+    /// the same --new-build is idempotent.
+    Snapshot(SnapshotArgs),
+}
+
+/// `thaw ctl snapshot` arguments.
+#[derive(Debug, Args)]
+pub struct SnapshotArgs {
+    /// The export name.
+    pub export: String,
+    /// Build id of the new layer.
+    #[arg(long, value_name = "UUID")]
+    pub new_build: BuildId,
+    /// Destination store URL (default: the store the export is served from).
+    #[arg(long, value_name = "URL")]
+    pub to: Option<String>,
+    /// zstd:LEVEL, lz4 or none.
+    #[arg(long, default_value = "zstd:2")]
+    pub codec: String,
+    /// Uncompressed bytes per frame.
+    #[arg(long, default_value = "2MiB", value_parser = parse_size)]
+    pub frame_size: u64,
+    /// Header version (4 or 5).
+    #[arg(long, default_value_t = 4)]
+    pub header_version: u16,
+    /// New writes meanwhile: wait (held until the snapshot is stored) or refuse (ESHUTDOWN).
+    #[arg(long, default_value = "wait", value_parser = parse_held)]
+    pub writes: HeldWrites,
+    /// Then: resume (writes go on) or close (writes refused from now on).
+    #[arg(long, default_value = "resume", value_parser = parse_after)]
+    pub after: After,
+}
+
+fn parse_held(s: &str) -> Result<HeldWrites, String> {
+    match s {
+        "wait" => Ok(HeldWrites::Wait),
+        "refuse" => Ok(HeldWrites::Refuse),
+        _ => Err(format!("{s:?}: expected wait or refuse")),
+    }
+}
+
+fn parse_after(s: &str) -> Result<After, String> {
+    match s {
+        "resume" => Ok(After::Resume),
+        "close" => Ok(After::Close),
+        _ => Err(format!("{s:?}: expected resume or close")),
+    }
+}
+
+/// Runs `thaw ctl`.
+pub fn run(args: &CtlArgs) -> anyhow::Result<()> {
+    let (status, body) = match &args.action {
+        CtlAction::Exports => call(&args.control, "GET", "/v1/exports", None)?,
+        CtlAction::Snapshot(s) => {
+            let req = SnapshotRequest {
+                new_build_id: s.new_build,
+                to: s.to.clone(),
+                codec: Some(s.codec.clone()),
+                frame_size: Some(s.frame_size),
+                header_version: Some(s.header_version),
+                writes: Some(s.writes),
+                after: Some(s.after),
+            };
+            let uri = format!("/v1/exports/{}/snapshot", percent_path(&s.export));
+            call(
+                &args.control,
+                "POST",
+                &uri,
+                Some(serde_json::to_vec(&req).context("encoding the request")?),
+            )?
+        }
+    };
+    if (200..300).contains(&status) {
+        print!("{}", String::from_utf8_lossy(&body));
+        return Ok(());
+    }
+    let msg = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
+        .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
+    bail!("control API answered {status}: {msg}")
+}
+
+/// Escapes an export name for a path segment (names are free-form strings).
+fn percent_path(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
