@@ -43,6 +43,31 @@ pub struct ControlContext {
     pub exports: Vec<Arc<Export>>,
     /// The store the exports are served from: the default destination of snapshots.
     pub store: Arc<dyn Store>,
+    /// The VM memory served by `thaw uffd`, if this is that process.
+    pub memory: Option<Arc<crate::uffd::UffdServer>>,
+}
+
+/// `GET /v1/memory`: the UFFD handler of `thaw uffd`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryInfo {
+    /// The served build.
+    pub build: BuildId,
+    /// Memfile size in bytes.
+    pub size: u64,
+    /// Guest page size.
+    pub page_size: u64,
+    /// Firecracker's pid.
+    pub peer_pid: i32,
+    /// Whether the memory is registered for write-protect tracking (dirty pages exact).
+    pub write_protect: Option<bool>,
+    /// Whether Firecracker sent its memfd (required for a snapshot).
+    pub memfd: bool,
+    /// `serving` or `finished` (the VM went away).
+    pub state: String,
+    /// Pages written by the guest.
+    pub dirty_pages: u64,
+    /// Pages that read as zeros (installed as zeros or removed) and were not written since.
+    pub zero_pages: u64,
 }
 
 /// One export as `GET /v1/exports` lists it.
@@ -288,6 +313,15 @@ async fn route(ctx: &Arc<ControlContext>, req: Request<Incoming>) -> Response<Bo
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     let result = match (&method, segments.as_slice()) {
         (&Method::GET, ["v1", "exports"]) => Ok(json(StatusCode::OK, &list(ctx))),
+        (&Method::GET, ["v1", "memory"]) => memory_info(ctx).map(|m| json(StatusCode::OK, &m)),
+        (&Method::POST, ["v1", "memory", "snapshot"]) => {
+            match read_json::<SnapshotRequest>(req).await {
+                Ok(body) => memory_snapshot(ctx, body)
+                    .await
+                    .map(|r| json(StatusCode::OK, &r)),
+                Err(e) => Err(e),
+            }
+        }
         (&Method::POST, ["v1", "exports", name, "snapshot"]) => {
             let name = percent_decode(name);
             match read_json::<SnapshotRequest>(req).await {
@@ -297,7 +331,9 @@ async fn route(ctx: &Arc<ControlContext>, req: Request<Incoming>) -> Response<Bo
                 Err(e) => Err(e),
             }
         }
-        (_, ["v1", "exports"]) | (_, ["v1", "exports", _, "snapshot"]) => Err(ApiError(
+        (_, ["v1", "exports" | "memory"])
+        | (_, ["v1", "exports", _, "snapshot"])
+        | (_, ["v1", "memory", "snapshot"]) => Err(ApiError(
             StatusCode::METHOD_NOT_ALLOWED,
             format!("{method} is not allowed on {path}"),
         )),
@@ -463,8 +499,120 @@ async fn snapshot(
         After::Resume => drop(hold),
         After::Close => hold.close(),
     }
+    let reply = reply_of(
+        &exported,
+        new_build,
+        export.file.header().metadata.build_id,
+        file,
+        &store,
+        held_ms,
+    );
+    tracing::info!(export = name, build = %new_build, already = reply.already_stored, diff_bytes = reply.diff_bytes, stored_bytes = reply.stored_bytes, held_ms, "control: snapshot stored");
+    Ok(reply)
+}
+
+fn memory_server(ctx: &ControlContext) -> Result<&Arc<crate::uffd::UffdServer>, ApiError> {
+    ctx.memory.as_ref().ok_or_else(|| {
+        ApiError(
+            StatusCode::NOT_FOUND,
+            "this process serves no VM memory (the memory API is on `thaw uffd --control`)".into(),
+        )
+    })
+}
+
+fn memory_info(ctx: &ControlContext) -> Result<MemoryInfo, ApiError> {
+    let m = memory_server(ctx)?;
+    let changes = m.memory_changes();
+    let count = |runs: &[std::ops::Range<u64>]| runs.iter().map(|r| r.end - r.start).sum();
+    let file = m.source().file();
+    Ok(MemoryInfo {
+        build: file.header().metadata.build_id,
+        size: file.size(),
+        page_size: m.handler().page_size(),
+        peer_pid: m.peer().pid,
+        write_protect: m.handler().write_protect_tracking(),
+        memfd: m.memfd().is_some(),
+        state: if m.is_finished() {
+            "finished"
+        } else {
+            "serving"
+        }
+        .to_string(),
+        dirty_pages: count(&changes.dirty),
+        zero_pages: count(&changes.zero),
+    })
+}
+
+async fn memory_snapshot(
+    ctx: &Arc<ControlContext>,
+    req: SnapshotRequest,
+) -> Result<SnapshotReply, ApiError> {
+    let m = Arc::clone(memory_server(ctx)?);
+    if req.writes.is_some() || req.after.is_some() {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "writes and after apply to disk exports; pause the VM before a memory snapshot".into(),
+        ));
+    }
+    if m.memfd().is_none() {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            "Firecracker sent no memfd (use_memfd): the guest memory cannot be read".into(),
+        ));
+    }
+    let opts = write_options(&req)?;
+    let store: Arc<dyn Store> = match &req.to {
+        Some(url) => {
+            open_store(url).map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("to: {e}")))?
+        }
+        None => Arc::clone(&ctx.store),
+    };
+    let new_build = req.new_build_id;
+    let started = Instant::now();
+    let job_store = Arc::clone(&store);
+    let job = Arc::clone(&m);
+    let result = tokio::task::spawn_blocking(move || {
+        job.export_memory(job_store.as_ref(), new_build, &opts)
+    })
+    .await;
+    let held_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    let exported = match result {
+        Ok(Ok(e)) => e,
+        Ok(Err(e)) => {
+            tracing::warn!(build = %new_build, error = %format!("{e:#}"), "control: memory snapshot failed");
+            return Err(ApiError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("{e:#}"),
+            ));
+        }
+        Err(e) => {
+            return Err(ApiError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("the export task failed: {e}"),
+            ));
+        }
+    };
+    Ok(reply_of(
+        &exported,
+        new_build,
+        m.source().file().header().metadata.build_id,
+        thaw_codec::FileKind::Memfile,
+        &store,
+        held_ms,
+    ))
+}
+
+/// The reply describing `exported`.
+fn reply_of(
+    exported: &Exported,
+    build: BuildId,
+    parent: BuildId,
+    file: thaw_codec::FileKind,
+    store: &Arc<dyn Store>,
+    held_ms: u64,
+) -> SnapshotReply {
     let header = exported.header();
-    let (already, stored_bytes, frames, diff_bytes) = match &exported {
+    let (already, stored_bytes, frames, diff_bytes) = match exported {
         Exported::Stored(s) => (false, s.stored_size, s.frames, s.uncompressed_size),
         Exported::AlreadyStored(h) => (
             true,
@@ -473,10 +621,9 @@ async fn snapshot(
             crate::layout::self_entry(h).map_or(0, |b| b.size),
         ),
     };
-    tracing::info!(export = name, build = %new_build, already, diff_bytes, stored_bytes, held_ms, "control: snapshot stored");
-    Ok(SnapshotReply {
-        build: new_build,
-        parent: export.file.header().metadata.build_id,
+    SnapshotReply {
+        build,
+        parent,
         file: file.name().to_string(),
         store: store.url(),
         already_stored: already,
@@ -486,7 +633,7 @@ async fn snapshot(
         stored_bytes,
         frames,
         held_ms,
-    })
+    }
 }
 
 /// The response body type (one buffer).

@@ -39,6 +39,7 @@ use thaw_uffd::{
 };
 
 use crate::engine::{Engine, EngineStats, LayeredFile, PrefetchPlan, load_prefetch_plan};
+use crate::export::{BlockSource, ChangeSet, Exported, export_layer};
 
 /// A [`LayeredFile`] as a [`PageSource`].
 #[derive(Debug)]
@@ -489,6 +490,16 @@ impl UffdReport {
     }
 }
 
+/// Firecracker's memfd as a [`BlockSource`]: guest memory at the memfile's offsets.
+#[derive(Debug)]
+struct MemfdSource(std::fs::File);
+
+impl BlockSource for MemfdSource {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        std::os::unix::fs::FileExt::read_exact_at(&self.0, buf, offset)
+    }
+}
+
 /// A VM being served by [`serve_uffd`].
 pub struct UffdServer {
     handler: FaultHandler<EngineSource>,
@@ -528,6 +539,68 @@ impl UffdServer {
     /// e2b's memfd, if the peer sent one (kept open for the pause step).
     pub fn memfd(&self) -> Option<&OwnedFd> {
         self.memfd.as_ref()
+    }
+
+    /// The guest memory's changes since the handshake, in pages: the pages written (write
+    /// faults, and write-protect faults when the peer registered write-protect mode) and the
+    /// pages that read as zeros (installed as zeros or removed by the guest) and were not written
+    /// since. This is e2b's pause diff (dirty wins over empty).
+    pub fn memory_changes(&self) -> ChangeSet {
+        let page = self.handler.page_size();
+        let runs = |offsets: Vec<u64>| {
+            let mut out: Vec<std::ops::Range<u64>> = Vec::new();
+            for off in offsets {
+                let b = off / page;
+                match out.last_mut() {
+                    Some(r) if r.end == b => r.end = b + 1,
+                    _ => out.push(b..b + 1),
+                }
+            }
+            out
+        };
+        ChangeSet {
+            block_size: page,
+            dirty: runs(self.handler.dirty_pages()),
+            zero: runs(self.handler.zero_or_removed_pages()),
+        }
+    }
+
+    /// Stores the guest memory's changes as build `new_build`'s memfile over the served build
+    /// (e2b's memory diff at pause): [`memory_changes`](Self::memory_changes) over the served
+    /// header, the dirty pages read from the memfd Firecracker sent (its file offsets are the
+    /// memfile's), written with [`export_layer`] (packed diff, merge rules, data first, header
+    /// last, idempotent by build id). The VM must be paused: pages written during the export
+    /// would make the diff inconsistent.
+    ///
+    /// # Errors
+    /// No memfd (Firecracker started without `use_memfd`; `process_vm_readv` of the peer is not
+    /// implemented), and everything [`export_layer`] fails with.
+    pub fn export_memory(
+        &self,
+        store: &dyn crate::store::Store,
+        new_build: BuildId,
+        opts: &crate::writer::WriteOptions,
+    ) -> anyhow::Result<Exported> {
+        let file = self.source.file();
+        let memfd = self.memfd.as_ref().with_context(|| {
+            format!(
+                "exporting the memory of build {} as {new_build}: the peer sent no memfd (start \
+                 Firecracker with use_memfd; reading the peer's memory with process_vm_readv is \
+                 not implemented)",
+                file.header().metadata.build_id
+            )
+        })?;
+        let memfd = std::fs::File::from(memfd.try_clone().context("duplicating the memfd")?);
+        let changes = self.memory_changes();
+        export_layer(
+            store,
+            FileKind::Memfile,
+            file.header(),
+            new_build,
+            &changes,
+            &MemfdSource(memfd),
+            opts,
+        )
     }
 
     /// The prefetch's progress so far, if prefetching.

@@ -80,6 +80,29 @@ impl Mem {
         }
     }
 
+    /// `len` bytes of `fd` (a memfd), `MAP_SHARED`: guest memory backed by a memfd, as e2b's
+    /// Firecracker fork has it.
+    fn shared_file(fd: RawFd, len: usize) -> Self {
+        // SAFETY: a fresh shared mapping of `len` bytes of a file the caller sized to `len`.
+        let map = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        assert_ne!(map, libc::MAP_FAILED, "mmap of the memfd");
+        Self {
+            map,
+            map_len: len,
+            base: map.cast(),
+            len,
+        }
+    }
+
     fn addr(&self) -> u64 {
         self.base as u64
     }
@@ -132,6 +155,14 @@ fn region_json(base: u64, size: u64, page_size: u64) -> String {
 /// `sendmsg` of `data` with `fd` as SCM_RIGHTS, as Firecracker sends its handshake.
 /// Allocation-free (a forked child calls it).
 fn send_with_fd(sock: RawFd, data: &[u8], fd: RawFd) -> bool {
+    send_with_fds(sock, data, &[fd])
+}
+
+/// `sendmsg` of `data` with up to 8 `fds` as one SCM_RIGHTS message (e2b's fork sends the uffd
+/// and a memfd). Allocation-free.
+fn send_with_fds(sock: RawFd, data: &[u8], fds: &[RawFd]) -> bool {
+    assert!(!fds.is_empty() && fds.len() <= 8);
+    let bytes = (4 * fds.len()) as u32;
     let mut control = [0u64; 8];
     let mut iov = libc::iovec {
         iov_base: data.as_ptr().cast_mut().cast(),
@@ -143,19 +174,22 @@ fn send_with_fd(sock: RawFd, data: &[u8], fd: RawFd) -> bool {
     msg.msg_iovlen = 1;
     msg.msg_control = control.as_mut_ptr().cast();
     // SAFETY: pure size computation.
-    msg.msg_controllen = unsafe { libc::CMSG_SPACE(4) } as usize;
-    // SAFETY: the 64-byte control buffer holds CMSG_SPACE(4).
+    msg.msg_controllen = unsafe { libc::CMSG_SPACE(bytes) } as usize;
+    // SAFETY: the 64-byte control buffer holds CMSG_SPACE(32).
     let cmsg = unsafe { libc::CMSG_FIRSTHDR(&raw const msg) };
     // SAFETY: `cmsg` points at the start of `control`, live and aligned.
     let hdr = unsafe { &mut *cmsg };
     hdr.cmsg_level = libc::SOL_SOCKET;
     hdr.cmsg_type = libc::SCM_RIGHTS;
     // SAFETY: pure size computation.
-    hdr.cmsg_len = unsafe { libc::CMSG_LEN(4) } as usize;
+    hdr.cmsg_len = unsafe { libc::CMSG_LEN(bytes) } as usize;
     // SAFETY: CMSG_DATA of the header inside `control`.
-    let data = unsafe { libc::CMSG_DATA(cmsg) };
-    // SAFETY: 4 bytes fit after the header inside `control`.
-    unsafe { data.cast::<RawFd>().write_unaligned(fd) };
+    let out = unsafe { libc::CMSG_DATA(cmsg) }.cast::<RawFd>();
+    for (i, &fd) in fds.iter().enumerate() {
+        let at = out.wrapping_add(i);
+        // SAFETY: at most 8 fds (32 bytes) fit after the header inside `control`.
+        unsafe { at.write_unaligned(fd) };
+    }
     // SAFETY: `msg` points at live buffers for the duration of the call.
     unsafe { libc::sendmsg(sock, &raw const msg, 0) >= 0 }
 }
@@ -1386,4 +1420,260 @@ fn a_fault_storm_from_32_threads_installs_each_page_once() {
         r.summary()
     );
     assert_eq!(r.metrics.copies + r.metrics.zero_installs, pages as u64);
+}
+
+/// Memory export at pause (issue 6): a VM whose guest memory is a memfd (e2b's `use_memfd`)
+/// writes some pages at their first touch and only reads others; the handler's change set
+/// (dirty = written, zero = installed as zeros) is exported as a new memfile layer read from the
+/// memfd, and a fresh engine reads the new build back exactly as the guest memory was.
+#[test]
+fn the_guest_memory_exports_as_a_new_layer_from_the_memfd() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, manifest) = chain(dir.path(), &spec(CompressionType::Zstd, PAGE_SIZE, 61));
+    let top = manifest.top().unwrap();
+    let expected = fs::read(&top.files["memfile"].flat).unwrap();
+    let size = expected.len();
+    let pages = size / PAGE_SIZE as usize;
+    let engine = Engine::new(sim_over(Arc::clone(&store), 1), engine_config()).unwrap();
+
+    let memfd = rustix::fs::memfd_create("guest", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+    rustix::fs::ftruncate(&memfd, size as u64).unwrap();
+    let mem = Mem::shared_file(memfd.as_raw_fd(), size);
+    let uffd = ioctl::create().unwrap();
+    ioctl::api(uffd.as_fd(), ioctl::FEATURE_EVENT_REMOVE).unwrap();
+    ioctl::register(
+        uffd.as_fd(),
+        mem.addr(),
+        size as u64,
+        ioctl::REGISTER_MODE_MISSING,
+    )
+    .unwrap();
+    let socket = socket_path(dir.path());
+    let _ = fs::remove_file(&socket);
+    let listener = UnixListener::bind(&socket).unwrap();
+    let json = region_json(mem.addr(), size as u64, PAGE_SIZE);
+    let (uffd_raw, memfd_raw) = (uffd.as_raw_fd(), memfd.as_raw_fd());
+    let client = std::thread::spawn(move || {
+        let s = UnixStream::connect(&socket).unwrap();
+        assert!(send_with_fds(
+            s.as_raw_fd(),
+            json.as_bytes(),
+            &[uffd_raw, memfd_raw]
+        ));
+        s
+    });
+    let options = UffdOptions {
+        handshake_timeout: Duration::from_secs(20),
+        kill_peer_on_handshake_error: false,
+        handler: HandlerConfig {
+            kill_peer_on_failure: false,
+            ..HandlerConfig::default()
+        },
+        ..UffdOptions::default()
+    };
+    let server = serve_uffd(&engine, top.build_id, &listener, &options).unwrap();
+    let _client = client.join().unwrap();
+    assert!(server.memfd().is_some());
+
+    // The guest: pages % 3 == 0 written at their first touch (a write fault: Dirty), pages
+    // % 3 == 1 read (Clean, or Zero where the build has a nil mapping), the rest untouched.
+    let mut model = expected.clone();
+    for p in 0..pages {
+        let off = p * PAGE_SIZE as usize;
+        match p % 3 {
+            0 => {
+                let v = (p as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+                mem.write_u64(off + 8, v);
+                model[off + 8..off + 16].copy_from_slice(&v.to_ne_bytes());
+            }
+            1 => assert!(
+                *mem.slice(off, PAGE_SIZE as usize) == expected[off..off + PAGE_SIZE as usize]
+            ),
+            _ => {}
+        }
+    }
+    let changes = server.memory_changes();
+    assert_eq!(changes.dirty_blocks(), pages.div_ceil(3) as u64);
+
+    let new = uuid::Uuid::new_v4();
+    let opts = WriteOptions {
+        codec: CompressionType::Zstd,
+        level: 1,
+        frame_size: 1024 * 1024,
+        header_version: 4,
+        workers: 2,
+        progress: false,
+    };
+    let out = server.export_memory(store.as_ref(), new, &opts).unwrap();
+    assert!(
+        matches!(out, thaw_server::export::Exported::Stored(_)),
+        "{out:?}"
+    );
+    // Idempotent.
+    let again = server.export_memory(store.as_ref(), new, &opts).unwrap();
+    assert!(
+        matches!(again, thaw_server::export::Exported::AlreadyStored(_)),
+        "{again:?}"
+    );
+    server.stop();
+    drop(server.join());
+
+    let fresh = Engine::new(Arc::clone(&store) as Arc<dyn Store>, engine_config()).unwrap();
+    let f = fresh.open(new, FileKind::Memfile).unwrap();
+    let mut all = vec![0u8; size];
+    f.read_at(0, &mut all).unwrap();
+    if let Some(i) = all.iter().zip(&model).position(|(a, b)| a != b) {
+        panic!("the exported memory differs from the guest's at byte {i}");
+    }
+    drop(mem);
+}
+
+/// `thaw uffd --control` and `thaw ctl memory` / `memory-snapshot`: this process plays a
+/// Firecracker whose guest memory is a memfd (sent with the uffd), writes and reads pages served
+/// by the `thaw uffd` child, then asks it over the control socket to store the changed pages as a
+/// new memfile layer; the new build reads back as the guest memory was, and a repeated request is
+/// idempotent.
+#[test]
+fn thaw_uffd_control_snapshots_the_guest_memory() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let (store, manifest) = chain(dir.path(), &spec(CompressionType::Lz4, PAGE_SIZE, 71));
+    let store_dir = dir.path().join("store");
+    let top = manifest.top().unwrap();
+    let expected = fs::read(&top.files["memfile"].flat).unwrap();
+    let size = expected.len();
+    let pages = size / PAGE_SIZE as usize;
+    let socket = socket_path(dir.path());
+    let control = dir.path().join("control.sock");
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_thaw"))
+        .args([
+            "uffd",
+            "--store",
+            &format!("file://{}", store_dir.display()),
+        ])
+        .args([
+            "--build",
+            &top.build_id.to_string(),
+            "--socket",
+            socket.to_str().unwrap(),
+        ])
+        .args([
+            "--control",
+            control.to_str().unwrap(),
+            "--handshake-timeout",
+            "20s",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+
+    let memfd = rustix::fs::memfd_create("guest", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+    rustix::fs::ftruncate(&memfd, size as u64).unwrap();
+    let mem = Mem::shared_file(memfd.as_raw_fd(), size);
+    let uffd = ioctl::create().unwrap();
+    ioctl::api(uffd.as_fd(), ioctl::FEATURE_EVENT_REMOVE).unwrap();
+    ioctl::register(
+        uffd.as_fd(),
+        mem.addr(),
+        size as u64,
+        ioctl::REGISTER_MODE_MISSING,
+    )
+    .unwrap();
+    let conn = {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match UnixStream::connect(&socket) {
+                Ok(s) => break s,
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                Err(e) => panic!("thaw uffd never listened: {e}"),
+            }
+        }
+    };
+    let json = region_json(mem.addr(), size as u64, PAGE_SIZE);
+    assert!(send_with_fds(
+        conn.as_raw_fd(),
+        json.as_bytes(),
+        &[uffd.as_raw_fd(), memfd.as_raw_fd()]
+    ));
+    // The control socket is announced once the handshake is done.
+    let mut stdout = std::io::BufReader::new(cmd.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), format!("control unix:{}", control.display()));
+
+    let mut model = expected.clone();
+    for p in 0..pages {
+        let off = p * PAGE_SIZE as usize;
+        match p % 4 {
+            0 => {
+                let v = (p as u64 + 1).wrapping_mul(0x2545_f491_4f6c_dd1d);
+                mem.write_u64(off, v);
+                model[off..off + 8].copy_from_slice(&v.to_ne_bytes());
+            }
+            1 | 2 => assert!(
+                *mem.slice(off, PAGE_SIZE as usize) == expected[off..off + PAGE_SIZE as usize]
+            ),
+            _ => {}
+        }
+    }
+    let ctl = |args: &[&str]| -> serde_json::Value {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_thaw"))
+            .args(["ctl", "--control", control.to_str().unwrap()])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "thaw ctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let info = ctl(&["memory"]);
+    assert_eq!(info["build"], top.build_id.to_string());
+    assert_eq!(info["memfd"], true);
+    assert_eq!(info["state"], "serving");
+    assert_eq!(info["dirty_pages"], pages.div_ceil(4) as u64, "{info}");
+    let new = uuid::Uuid::new_v4().to_string();
+    let reply = ctl(&[
+        "memory-snapshot",
+        "--new-build",
+        &new,
+        "--codec",
+        "zstd:1",
+        "--frame-size",
+        "1MiB",
+    ]);
+    assert_eq!(reply["file"], "memfile");
+    assert_eq!(reply["already_stored"], false);
+    assert_eq!(
+        reply["diff_bytes"],
+        pages.div_ceil(4) as u64 * PAGE_SIZE,
+        "{reply}"
+    );
+    let again = ctl(&[
+        "memory-snapshot",
+        "--new-build",
+        &new,
+        "--codec",
+        "zstd:1",
+        "--frame-size",
+        "1MiB",
+    ]);
+    assert_eq!(again["already_stored"], true, "{again}");
+
+    // Firecracker goes away: thaw uffd ends cleanly.
+    drop(conn);
+    assert!(cmd.wait().unwrap().success());
+    drop(mem);
+
+    let fresh = Engine::new(Arc::clone(&store) as Arc<dyn Store>, engine_config()).unwrap();
+    let f = fresh.open(new.parse().unwrap(), FileKind::Memfile).unwrap();
+    let mut all = vec![0u8; size];
+    f.read_at(0, &mut all).unwrap();
+    if let Some(i) = all.iter().zip(&model).position(|(a, b)| a != b) {
+        panic!("the snapshot differs from the guest memory at byte {i}");
+    }
 }

@@ -37,6 +37,31 @@ pub enum CtlAction {
     /// are held back meanwhile; the reply describes the stored layer. Repeating the request with
     /// the same --new-build is idempotent.
     Snapshot(SnapshotArgs),
+    /// `thaw uffd --control`: the VM memory's handler state and change counters.
+    Memory,
+    /// `thaw uffd --control`: store the guest's changed pages as a new memfile layer over the
+    /// served build (pause the VM first). Idempotent by --new-build.
+    MemorySnapshot(MemorySnapshotArgs),
+}
+
+/// `thaw ctl memory-snapshot` arguments.
+#[derive(Debug, Args)]
+pub struct MemorySnapshotArgs {
+    /// Build id of the new layer.
+    #[arg(long, value_name = "UUID")]
+    pub new_build: BuildId,
+    /// Destination store URL (default: the store the memory is served from).
+    #[arg(long, value_name = "URL")]
+    pub to: Option<String>,
+    /// zstd:LEVEL, lz4 or none.
+    #[arg(long, default_value = "zstd:2")]
+    pub codec: String,
+    /// Uncompressed bytes per frame.
+    #[arg(long, default_value = "2MiB", value_parser = parse_size)]
+    pub frame_size: u64,
+    /// Header version (4 or 5).
+    #[arg(long, default_value_t = 4)]
+    pub header_version: u16,
 }
 
 /// `thaw ctl snapshot` arguments.
@@ -87,6 +112,24 @@ fn parse_after(s: &str) -> Result<After, String> {
 pub fn run(args: &CtlArgs) -> anyhow::Result<()> {
     let (status, body) = match &args.action {
         CtlAction::Exports => call(&args.control, "GET", "/v1/exports", None)?,
+        CtlAction::Memory => call(&args.control, "GET", "/v1/memory", None)?,
+        CtlAction::MemorySnapshot(s) => {
+            let req = SnapshotRequest {
+                new_build_id: s.new_build,
+                to: s.to.clone(),
+                codec: Some(s.codec.clone()),
+                frame_size: Some(s.frame_size),
+                header_version: Some(s.header_version),
+                writes: None,
+                after: None,
+            };
+            call(
+                &args.control,
+                "POST",
+                "/v1/memory/snapshot",
+                Some(serde_json::to_vec(&req).context("encoding the request")?),
+            )?
+        }
         CtlAction::Snapshot(s) => {
             let req = SnapshotRequest {
                 new_build_id: s.new_build,

@@ -384,6 +384,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
             Arc::new(crate::control::ControlContext {
                 exports: server.exports().to_vec(),
                 store: Arc::clone(engine.store()),
+                memory: None,
             }),
         )?),
         None => None,

@@ -4,6 +4,7 @@
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -60,6 +61,12 @@ pub struct UffdArgs {
     /// engine --fetch-retries times).
     #[arg(long, value_name = "N", default_value_t = 3)]
     pub page_attempts: u32,
+
+    /// Serve the control API on this unix socket (HTTP/1.1 + JSON, docs/control-api.yaml):
+    /// `GET /v1/memory` and `POST /v1/memory/snapshot` store the guest's changed pages as a new
+    /// memfile layer (pause the VM first; needs Firecracker's memfd).
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
 }
 
 /// Runs `thaw uffd`.
@@ -78,10 +85,35 @@ pub fn run(args: &UffdArgs) -> anyhow::Result<()> {
         prefetch: args.prefetch,
         prefetch_concurrency: args.prefetch_threads.max(1),
     };
-    let server = serve_uffd(&engine, args.build, &listener, &options)?;
+    let server = Arc::new(serve_uffd(&engine, args.build, &listener, &options)?);
     drop(listener);
     tracing::info!(peer = server.peer().pid, build = %args.build, "UFFD handshake done; serving");
-    let report = server.join();
+    let control = match &args.control {
+        Some(path) => {
+            let c = crate::control::ControlServer::start(
+                path,
+                Arc::new(crate::control::ControlContext {
+                    exports: Vec::new(),
+                    store: Arc::clone(engine.store()),
+                    memory: Some(Arc::clone(&server)),
+                }),
+            )?;
+            println!("control unix:{}", c.path().display());
+            Some(c)
+        }
+        None => None,
+    };
+    let report = match control {
+        None => join(server)?,
+        Some(control) => {
+            // The control API shares the server until the VM goes away.
+            while !server.is_finished() {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            drop(control);
+            join(server)?
+        }
+    };
     eprintln!("{}", report.summary());
     match report.result {
         Ok(_) => Ok(()),
@@ -95,6 +127,24 @@ pub fn run(args: &UffdArgs) -> anyhow::Result<()> {
                 "serving the memory of build {} ({}){killed}",
                 args.build, args.file
             )))
+        }
+    }
+}
+
+/// Waits for the fault loop to end and reports. The control server, the only other holder of
+/// `server`, is dropped before (its runtime waits for its blocking export tasks), so the wait
+/// for the last reference is a formality with a deadline.
+fn join(server: Arc<crate::uffd::UffdServer>) -> anyhow::Result<crate::uffd::UffdReport> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut server = server;
+    loop {
+        match Arc::try_unwrap(server) {
+            Ok(s) => return Ok(s.join()),
+            Err(shared) if std::time::Instant::now() < deadline => {
+                server = shared;
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(_) => anyhow::bail!("the UFFD server is still in use by the control API"),
         }
     }
 }
