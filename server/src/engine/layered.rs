@@ -275,6 +275,19 @@ impl LayeredFile {
     /// No lock, no allocation. `None` otherwise (a miss, or several mappings).
     #[inline]
     pub fn try_get(&self, offset: u64, len: usize) -> Option<&[u8]> {
+        self.try_get_inner(offset, len, true)
+    }
+
+    /// Like [`try_get`](Self::try_get), but `None` for a nil mapping too: the bytes of a range
+    /// inside one data mapping, present in the cache (the NBD server's READ fast path, which
+    /// leaves holes to the slow path so that structured replies still report them as holes).
+    #[inline]
+    pub fn try_get_data(&self, offset: u64, len: usize) -> Option<&[u8]> {
+        self.try_get_inner(offset, len, false)
+    }
+
+    #[inline]
+    fn try_get_inner(&self, offset: u64, len: usize, nil_as_zeros: bool) -> Option<&[u8]> {
         let len64 = u64::try_from(len).ok()?;
         self.check(offset, len64).ok()?;
         let i = self.mapping_index(offset)?;
@@ -283,7 +296,8 @@ impl LayeredFile {
             return None;
         }
         match self.mapping_slot.get(i).copied().flatten() {
-            None => ZEROS.get(..len),
+            None if nil_as_zeros => ZEROS.get(..len),
+            None => None,
             Some(s) => {
                 let f = self.slots[s].opened.get()?;
                 f.cache

@@ -39,6 +39,16 @@ const PERMIT_BYTES: u64 = 4096;
 /// Most extents computed for one BLOCK_STATUS reply (the encoder writes at most 1024).
 const MAX_EXTENTS: usize = 1024;
 
+/// Reply header buffers a connection keeps for reuse (each at most [`HEADER_CAP`] bytes).
+const HEADER_POOL: usize = 256;
+
+/// Capacity of a pooled reply header buffer (a structured `OFFSET_DATA` header is 28 bytes).
+const HEADER_CAP: usize = 32;
+
+/// Cache-hit READs answered in the request loop before it yields to the connection's other
+/// tasks (its writer first): bounds how long a client pipelining hits keeps the worker.
+const INLINE_HITS_PER_YIELD: u32 = 32;
+
 /// Serves one connection to the end; the socket is shut down before returning.
 pub(crate) async fn serve(stream: Stream, shared: Arc<Shared>, id: u64) {
     let mut shutdown = shared.shutdown.clone();
@@ -94,6 +104,7 @@ async fn transmit(
         id,
         queue: RefCell::new(Vec::new()),
         held: RefCell::new(Vec::new()),
+        headers: RefCell::new(Vec::new()),
         wake: Notify::new(),
         closed: Cell::new(false),
         broken: Cell::new(false),
@@ -114,28 +125,40 @@ async fn transmit(
     conn.stream.shutdown();
 }
 
-/// The connection's writer: sends whatever replies are queued, one `writev` per batch.
+/// The connection's writer: sends whatever replies are queued, one `writev` per batch. The
+/// batch and permit vectors swap with spares and come back for reuse, and written header
+/// buffers return to the connection's pool: a batch allocates nothing of ours.
 async fn writer(conn: Rc<Conn>) {
+    let mut spare = Vec::new();
+    let mut spare_held = Vec::new();
     loop {
-        let batch = std::mem::take(&mut *conn.queue.borrow_mut());
-        let permits = std::mem::take(&mut *conn.held.borrow_mut());
+        let mut batch = std::mem::replace(&mut *conn.queue.borrow_mut(), spare);
+        let mut permits = std::mem::replace(&mut *conn.held.borrow_mut(), spare_held);
         if batch.is_empty() {
-            drop(permits);
+            permits.clear();
+            spare = batch;
+            spare_held = permits;
             if conn.closed.get() {
                 return;
             }
             conn.wake.notified().await;
             continue;
         }
-        if !conn.broken.get()
-            && let Err(e) = conn.stream.write_all(batch).await
-        {
-            log_io(conn.id, "reply", &e);
-            conn.broken.set(true);
-            // Make the request loop see the end of the connection.
-            conn.stream.shutdown();
+        if !conn.broken.get() {
+            let (res, back) = conn.stream.write_batch(batch).await;
+            batch = back;
+            if let Err(e) = res {
+                log_io(conn.id, "reply", &e);
+                conn.broken.set(true);
+                // Make the request loop see the end of the connection.
+                conn.stream.shutdown();
+            }
         }
-        drop(permits);
+        conn.recycle(&mut batch);
+        // Permits go back only once their replies are written (or the connection broke).
+        permits.clear();
+        spare = batch;
+        spare_held = permits;
     }
 }
 
@@ -236,6 +259,8 @@ struct Conn {
     queue: RefCell<Vec<OutBuf>>,
     /// In-flight permits of requests whose replies are queued: released once written.
     held: RefCell<Vec<RcPermit>>,
+    /// Written reply header buffers, reused by the READ fast path.
+    headers: RefCell<Vec<Vec<u8>>>,
     wake: Notify,
     closed: Cell<bool>,
     broken: Cell<bool>,
@@ -245,6 +270,55 @@ impl Conn {
     /// Queues one whole reply; the writer sends everything queued with one `writev` (replies
     /// completed together go out together). Never interleaves replies.
     async fn send(&self, bufs: Vec<OutBuf>) {
+        if self.broken.get() {
+            return;
+        }
+        self.queue.borrow_mut().extend(bufs);
+        self.wake.notify_one();
+    }
+
+    /// Empties a written batch, keeping its small header buffers for reuse.
+    fn recycle(&self, batch: &mut Vec<OutBuf>) {
+        let mut pool = self.headers.borrow_mut();
+        for b in batch.drain(..) {
+            if pool.len() < HEADER_POOL
+                && let Some(v) = b.into_small_heap(HEADER_CAP)
+            {
+                pool.push(v);
+            }
+        }
+    }
+
+    /// The READ fast path: the reply to a READ whose whole range is present in the cache inside
+    /// one data mapping and untouched by the overlay: the reply header (from the pool) and the
+    /// cache bytes (zero copy), the same bytes the general path sends for one data piece (a
+    /// simple reply, or one `OFFSET_DATA` chunk with `DONE`). `None` otherwise: the request
+    /// takes the general path.
+    fn read_hit(&self, req: &Request) -> Option<[OutBuf; 2]> {
+        let len = u64::from(req.length);
+        if len == 0 {
+            return None;
+        }
+        if let Some(ov) = self.export.overlay.as_ref()
+            && ov.touches(req.offset, len)
+        {
+            return None;
+        }
+        let data = OutBuf::cache_data(&self.export.file, req.offset, req.length as usize)?;
+        let mut head = self.headers.borrow_mut().pop().unwrap_or_default();
+        head.clear();
+        if self.neg.structured_replies {
+            head.extend_from_slice(
+                &offset_data_header(req.cookie, req.offset, req.length, true).ok()?,
+            );
+        } else {
+            head.extend_from_slice(&simple_reply(req.cookie, 0));
+        }
+        Some([OutBuf::heap(head), data])
+    }
+
+    /// Queues a whole reply without waiting (see [`send`](Self::send)).
+    fn queue_reply(&self, bufs: [OutBuf; 2]) {
         if self.broken.get() {
             return;
         }
@@ -279,6 +353,7 @@ async fn request_loop(
 ) -> io::Result<()> {
     let stream = &conn.stream;
     let mut shutting = *shutdown.borrow();
+    let mut inline_hits = 0u32;
     loop {
         if shutting {
             tracing::debug!(conn = conn.id, "nbd: shutting down, draining");
@@ -357,6 +432,23 @@ async fn request_loop(
             metrics::counter!("thaw_nbd_write_bytes_total").increment(u64::from(req.length));
         }
         let started = std::time::Instant::now();
+        if req.command == Command::Read
+            && let Some(reply) = conn.read_hit(&req)
+        {
+            // A cache hit is answered here, without a task: same counters, same bytes.
+            conn.shared.counters.bump_read_bytes(u64::from(req.length));
+            metrics::counter!("thaw_nbd_read_bytes_total").increment(u64::from(req.length));
+            conn.queue_reply(reply);
+            metrics::histogram!(crate::metrics::REQUEST_DURATION, "cmd" => cmd)
+                .record(started.elapsed().as_secs_f64());
+            conn.hold(permit);
+            inline_hits += 1;
+            if inline_hits >= INLINE_HITS_PER_YIELD {
+                inline_hits = 0;
+                tokio::task::yield_now().await;
+            }
+            continue;
+        }
         let c = Rc::clone(conn);
         tokio_uring::spawn(async move {
             handle(&c, req, payload).await;

@@ -11,10 +11,11 @@
 //! and unmoved for as long as the `OutBuf` lives:
 //!
 //! - `Heap`: a `Vec<u8>` that is never resized after construction (heap storage does not move
-//!   when the `Vec` header moves);
+//!   when the `Vec` header moves); [`OutBuf::into_small_heap`] gives it back only by value,
+//!   once the `OutBuf` is consumed (the reply writer reuses written header buffers);
 //! - `Zeros`: a window of a `static` zeroed array;
-//! - `Cache`: a window of a build's chunk-cache mapping, taken from
-//!   [`LayeredFile::try_get`] on an `Arc<LayeredFile>` that the `OutBuf` keeps. The mapping
+//! - `Cache`: a window of a build's chunk-cache mapping, taken from [`LayeredFile::try_get`]
+//!   (or `try_get_data`) on an `Arc<LayeredFile>` that the `OutBuf` keeps. The mapping
 //!   belongs to a `BuildFile` the `LayeredFile` holds (set once, never replaced), so it stays
 //!   mapped while the `Arc` lives; the bytes were present when borrowed, and present bytes are
 //!   never written again except by `ChunkCache::reset`, which needs `&mut` and so cannot run
@@ -84,28 +85,48 @@ impl Stream {
             while !bufs.is_empty() {
                 let (res, back) = self.writev_once(bufs).await;
                 bufs = back;
-                let mut n = res?;
+                let n = res?;
                 if n == 0 {
                     return Err(io::Error::new(
                         io::ErrorKind::WriteZero,
                         "socket accepted no bytes",
                     ));
                 }
-                while n > 0 {
-                    let Some(first) = bufs.first_mut() else { break };
-                    let len = first.len();
-                    if n >= len {
-                        n -= len;
-                        bufs.remove(0);
-                    } else {
-                        first.advance(n);
-                        n = 0;
-                    }
-                }
+                let done = consume(&mut bufs, n);
+                bufs.drain(..done);
             }
             bufs = rest;
         }
         Ok(())
+    }
+
+    /// Writes every byte of `bufs`, in order, and hands the vector back for reuse: its buffers
+    /// were all written (the reply writer recycles the vector and the small header buffers in
+    /// it, so a batch costs no allocation of ours). One `writev` in the usual case; after a
+    /// partial write the rest goes through [`write_all`](Self::write_all).
+    pub async fn write_batch(&self, bufs: Vec<OutBuf>) -> (io::Result<()>, Vec<OutBuf>) {
+        let total: usize = bufs.iter().map(OutBuf::len).sum();
+        if total == 0 {
+            return (Ok(()), bufs);
+        }
+        if bufs.len() > MAX_IOVECS {
+            return (self.write_all(bufs).await, Vec::new());
+        }
+        let (res, mut bufs) = self.writev_once(bufs).await;
+        let n = match res {
+            Ok(0) => {
+                let e = io::Error::new(io::ErrorKind::WriteZero, "socket accepted no bytes");
+                return (Err(e), bufs);
+            }
+            Ok(n) => n,
+            Err(e) => return (Err(e), bufs),
+        };
+        if n >= total {
+            return (Ok(()), bufs);
+        }
+        let done = consume(&mut bufs, n);
+        let rest = bufs.split_off(done);
+        (self.write_all(rest).await, bufs)
     }
 
     /// Shuts both directions down (a plain syscall: it also completes a pending io_uring read,
@@ -119,6 +140,23 @@ impl Stream {
             tracing::trace!(error = %e, "nbd: socket shutdown");
         }
     }
+}
+
+/// Marks the first `n` bytes of `bufs` written: returns how many leading buffers are done
+/// (the next one, if `n` ends inside it, is advanced).
+fn consume(bufs: &mut [OutBuf], mut n: usize) -> usize {
+    let mut done = 0;
+    for b in bufs.iter_mut() {
+        let len = b.len();
+        if n >= len {
+            n -= len;
+            done += 1;
+        } else {
+            b.advance(n);
+            break;
+        }
+    }
+    done
 }
 
 /// Buffered reader over a [`Stream`]: bytes read past what was asked stay in the buffer.
@@ -272,16 +310,34 @@ impl OutBuf {
     /// inside one mapping and are present ([`LayeredFile::try_get`]); `None` otherwise. Nil
     /// mappings come back as zeros.
     pub fn cache(file: &Arc<LayeredFile>, offset: u64, len: usize) -> Option<Vec<OutBuf>> {
-        let bytes = file.try_get(offset, len)?;
-        let ptr = bytes.as_ptr();
-        Some(vec![Self {
+        Some(vec![Self::from_cache(file, file.try_get(offset, len)?)])
+    }
+
+    /// Like [`cache`](Self::cache), but only for bytes of one *data* mapping
+    /// ([`LayeredFile::try_get_data`]: a nil mapping is `None`), and as one buffer.
+    pub fn cache_data(file: &Arc<LayeredFile>, offset: u64, len: usize) -> Option<OutBuf> {
+        Some(Self::from_cache(file, file.try_get_data(offset, len)?))
+    }
+
+    /// `bytes` must come from `file`'s `try_get`/`try_get_data` (module safety model).
+    fn from_cache(file: &Arc<LayeredFile>, bytes: &[u8]) -> Self {
+        Self {
             src: Src::Cache {
                 _file: Arc::clone(file),
-                ptr,
+                ptr: bytes.as_ptr(),
             },
             start: 0,
             end: bytes.len(),
-        }])
+        }
+    }
+
+    /// The heap vector of a `heap` buffer of at most `max_capacity` bytes of capacity, for
+    /// reuse once it has been written; `None` for any other buffer.
+    pub fn into_small_heap(self, max_capacity: usize) -> Option<Vec<u8>> {
+        match self.src {
+            Src::Heap(v) if v.capacity() <= max_capacity => Some(v),
+            _ => None,
+        }
     }
 
     /// Remaining length.

@@ -97,6 +97,26 @@ assert bytes(h.pread(size, 0)) == bytes(want), "writes did not read back"
 ext = extents(65536, 3 * 65536)
 assert ext[0][0] >= 3 * 65536 and ext[0][1] & nbd.STATE_HOLE, ext
 
+# Simple replies, every range read twice: the second read of a cached range is answered by the
+# server's READ fast path (a cache hit inside one data mapping). A write over a cached range must
+# be seen by the next read of it, on this connection and on the structured one.
+s = nbd.NBD()
+s.set_request_structured_replies(False)
+s.connect_uri(uri)
+assert not s.get_structured_replies_negotiated()
+for _ in range(2):
+    for off in range(0, size, 65536):
+        n = min(65536, size - off)
+        assert bytes(s.pread(n, off)) == bytes(want[off:off + n]), f"simple read differs at {off}"
+off = (size // 2) & ~4095
+assert bytes(s.pread(4096, off)) == bytes(want[off:off + 4096])
+assert bytes(h.pread(4096, off)) == bytes(want[off:off + 4096])
+s.pwrite(b"\xa5" * 4096, off)
+want[off:off + 4096] = b"\xa5" * 4096
+assert bytes(s.pread(4096, off)) == bytes(want[off:off + 4096]), "a write over a hit not seen"
+assert bytes(h.pread(4096, off)) == bytes(want[off:off + 4096]), "a write over a hit not seen"
+s.shutdown()
+
 # With strict mode off, the server (not libnbd) rejects bad requests.
 h.set_strict_mode(0)
 for call in (lambda: h.pread(8192, size - 4096), lambda: h.cache(8192, size - 4096),
