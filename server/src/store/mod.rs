@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 mod file;
+pub mod http;
 pub mod shared_cache;
 pub mod sim;
 
