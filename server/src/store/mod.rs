@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 mod file;
+pub mod http;
 pub mod multipart;
 pub mod s3;
 pub mod shared_cache;
