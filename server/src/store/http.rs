@@ -332,7 +332,9 @@ impl Failure {
 
     /// The failure of an answer with a non-success `status` (`body`: the start of its body).
     fn status(status: StatusCode, body: &[u8]) -> Self {
-        let text = String::from_utf8_lossy(body);
+        // An XML API `<Error>` body (S3, GCS XML) reads as `Code: Message`.
+        let text = super::multipart::describe_error_body(body)
+            .unwrap_or_else(|| String::from_utf8_lossy(body).into_owned());
         let text = text.trim();
         let detail = if text.is_empty() {
             format!("HTTP {status}")
@@ -837,11 +839,20 @@ impl HttpClient {
         max_body: u64,
         labels: (&'static str, &'static str),
     ) -> Result<HttpResponse, Failure> {
+        let head = req.method() == Method::HEAD;
         let resp = Self::send(client, req, config.first_byte_timeout, deadline, labels).await?;
         let (parts, mut body) = resp.into_parts();
         if !parts.status.is_success() {
             let text = Self::error_body(&mut body, deadline).await;
             return Err(Failure::status(parts.status, &text));
+        }
+        if head {
+            // A HEAD answer has no body; its Content-Length is the object's (S3 stat).
+            return Ok(HttpResponse {
+                status: parts.status,
+                headers: parts.headers,
+                body: Bytes::new(),
+            });
         }
         let announced = content_length(&parts.headers)?;
         if let Some(n) = announced
@@ -1257,6 +1268,12 @@ mod tests {
             assert_eq!((f.kind, f.retry), (kind, retry), "{code}");
             assert!(f.detail.ends_with(": why"), "{}", f.detail);
         }
+        let f = Failure::status(
+            StatusCode::FORBIDDEN,
+            b"<?xml version=\"1.0\"?>\n<Error><Code>AccessDenied</Code><Message>no</Message>\
+              <RequestId>1</RequestId></Error>",
+        );
+        assert_eq!(f.detail, "HTTP 403 Forbidden: AccessDenied: no");
     }
 
     #[test]

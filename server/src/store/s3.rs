@@ -705,11 +705,69 @@ impl S3Store {
             .collect())
     }
 
+    /// The streaming writer [`Store::create`] returns, with its concrete type (its
+    /// [`MultipartWriter::upload_id`] is visible once the first part is sent).
+    pub fn multipart_writer(
+        &self,
+        key: &str,
+        opts: &PutOptions,
+    ) -> Result<MultipartWriter<S3Api>, StoreError> {
+        self.check_key(key)?;
+        MultipartWriter::new(Arc::clone(&self.api), key, opts, self.multipart_config())
+    }
+
+    /// AbortMultipartUpload of upload `upload_id` of `key` (operations and tests: a writer aborts
+    /// its own upload on failure and on drop).
+    pub fn abort_multipart_upload(&self, key: &str, upload_id: &str) -> Result<(), StoreError> {
+        self.check_key(key)?;
+        let query = format!(
+            "uploadId={}",
+            super::multipart::encode_query_value(upload_id)
+        );
+        self.api.send(XmlRequest {
+            op: "AbortMultipartUpload",
+            method: Method::Delete,
+            key,
+            query: &query,
+            headers: Vec::new(),
+            body: Vec::new(),
+        })?;
+        Ok(())
+    }
+
     /// `HEAD` of `key`.
+    ///
+    /// A HEAD answer has no body, so a refused HEAD (403, 400) would not say why: the request is
+    /// then repeated as a one-byte GET, whose `<Error>` body names the S3 error code
+    /// (`InvalidAccessKeyId`, `SignatureDoesNotMatch`, ...).
     fn head(&self, key: &str) -> Result<HttpResponse, StoreError> {
         self.check_key(key)?;
-        self.api
-            .execute("stat", "stat", Method::Head, Some(key), "", &[], Bytes::new(), 0)
+        let res = self
+            .api
+            .execute("stat", "stat", Method::Head, Some(key), "", &[], Bytes::new(), 0);
+        match res {
+            Err(e) if e.kind() == StoreErrorKind::Io && {
+                let text = e.to_string();
+                text.contains("HTTP 403") || text.contains("HTTP 400")
+            } =>
+            {
+                let range = [("range".to_owned(), "bytes=0-0".to_owned())];
+                match self.api.execute(
+                    "stat",
+                    "stat (GET for the error code)",
+                    Method::Get,
+                    Some(key),
+                    "",
+                    &range,
+                    Bytes::new(),
+                    1,
+                ) {
+                    Err(why) => Err(why),
+                    Ok(_) => Err(e),
+                }
+            }
+            other => other,
+        }
     }
 
     fn multipart_config(&self) -> MultipartConfig {
@@ -852,13 +910,7 @@ impl Store for S3Store {
     }
 
     fn create(&self, key: &str, opts: &PutOptions) -> Result<Box<dyn ObjectWriter>, StoreError> {
-        self.check_key(key)?;
-        Ok(Box::new(MultipartWriter::new(
-            Arc::clone(&self.api),
-            key,
-            opts,
-            self.multipart_config(),
-        )?))
+        Ok(Box::new(self.multipart_writer(key, opts)?))
     }
 
     fn exists(&self, key: &str) -> Result<bool, StoreError> {
