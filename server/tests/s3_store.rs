@@ -80,7 +80,15 @@ fn chains_uploaded_by_thaw_compress_read_back_through_the_engine() {
         let out = moto
             .thaw()
             .args(["compress", "--store", &src, "--build", &top, "--recursive"])
-            .args(["--codec", codec, "--frame-size", "1MiB", "--no-progress", "--to", &to])
+            .args([
+                "--codec",
+                codec,
+                "--frame-size",
+                "1MiB",
+                "--no-progress",
+                "--to",
+                &to,
+            ])
             .output()
             .unwrap();
         ok("thaw compress --to s3://", &out);
@@ -145,7 +153,10 @@ fn multipart_uploads_read_back_and_failed_ones_leave_nothing() {
         w.write_all(piece).unwrap();
     }
     assert!(w.upload_id().is_some(), "a multipart upload is under way");
-    assert!(!store.exists("big/object").unwrap(), "visible before commit");
+    assert!(
+        !store.exists("big/object").unwrap(),
+        "visible before commit"
+    );
     assert_eq!(store.list_multipart_uploads().unwrap(), vec!["big/object"]);
     Box::new(w).commit().unwrap();
     let info = store.stat("big/object").unwrap();
@@ -154,8 +165,14 @@ fn multipart_uploads_read_back_and_failed_ones_leave_nothing() {
     assert_eq!(info.logical_size(), 99);
     let mut back = vec![0u8; data.len()];
     store.read_range("big/object", 0, &mut back).unwrap();
-    assert!(back == data, "the multipart object differs from what was written");
-    assert_eq!(store.list_multipart_uploads().unwrap(), Vec::<String>::new());
+    assert!(
+        back == data,
+        "the multipart object differs from what was written"
+    );
+    assert_eq!(
+        store.list_multipart_uploads().unwrap(),
+        Vec::<String>::new()
+    );
 
     // put() of more than one part goes through multipart too.
     store
@@ -171,7 +188,10 @@ fn multipart_uploads_read_back_and_failed_ones_leave_nothing() {
     assert!(w.upload_id().is_some());
     assert_eq!(store.list_multipart_uploads().unwrap(), vec!["big/dropped"]);
     drop(w);
-    assert_eq!(store.list_multipart_uploads().unwrap(), Vec::<String>::new());
+    assert_eq!(
+        store.list_multipart_uploads().unwrap(),
+        Vec::<String>::new()
+    );
     assert!(!store.exists("big/dropped").unwrap());
 
     // A writer whose upload fails (aborted behind its back after the first part) fails, and
@@ -195,7 +215,10 @@ fn multipart_uploads_read_back_and_failed_ones_leave_nothing() {
     assert!(err.contains("s3://multipart/prefix"), "{err}");
     assert!(err.contains("big/failed"), "{err}");
     assert!(!store.exists("big/failed").unwrap());
-    assert_eq!(store.list_multipart_uploads().unwrap(), Vec::<String>::new());
+    assert_eq!(
+        store.list_multipart_uploads().unwrap(),
+        Vec::<String>::new()
+    );
 
     // Small streamed objects are one PUT at commit, with their metadata.
     let mut w = store
@@ -243,7 +266,11 @@ fn range_reads_metadata_limits_and_missing_objects() {
     for (offset, size) in [(n - 10, 20usize), (n, 1), (n + 100, 5)] {
         let mut buf = vec![0u8; size];
         let err = store.read_range("obj", offset, &mut buf).unwrap_err();
-        assert_eq!(err.kind(), StoreErrorKind::Truncated, "[{offset}, +{size}): {err}");
+        assert_eq!(
+            err.kind(),
+            StoreErrorKind::Truncated,
+            "[{offset}, +{size}): {err}"
+        );
         assert!(err.to_string().contains("obj"), "{err}");
     }
     // An empty range reads nothing.
@@ -264,7 +291,9 @@ fn range_reads_metadata_limits_and_missing_objects() {
     let info = store.stat("obj").unwrap();
     assert_eq!((info.size, info.uncompressed_size), (n, Some(123_456)));
     assert_eq!(info.logical_size(), 123_456);
-    store.put("plain", &data[..1000], &PutOptions::default()).unwrap();
+    store
+        .put("plain", &data[..1000], &PutOptions::default())
+        .unwrap();
     let info = store.stat("plain").unwrap();
     assert_eq!((info.size, info.uncompressed_size), (1000, None));
     assert_eq!(info.logical_size(), 1000);
@@ -296,7 +325,11 @@ fn range_reads_metadata_limits_and_missing_objects() {
     }
     let before = store.http_stats();
     let _ = store.stat("missing");
-    assert_eq!(store.http_stats().retries, before.retries, "404 is not retried");
+    assert_eq!(
+        store.http_stats().retries,
+        before.retries,
+        "404 is not retried"
+    );
     assert_eq!(
         store.stat("../x").unwrap_err().kind(),
         StoreErrorKind::InvalidKey
@@ -321,7 +354,11 @@ fn wrong_credentials_are_a_clear_error() {
     assert!(text.contains(&url), "{text}");
     assert!(text.contains("InvalidAccessKeyId"), "{text}");
     assert!(text.contains("403"), "{text}");
-    assert_eq!(store.http_stats().retries, before.retries, "403 is not retried");
+    assert_eq!(
+        store.http_stats().retries,
+        before.retries,
+        "403 is not retried"
+    );
     let err = store.put("k", b"x", &PutOptions::default()).unwrap_err();
     assert!(err.to_string().contains("InvalidAccessKeyId"), "{err}");
 

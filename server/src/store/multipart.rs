@@ -376,9 +376,7 @@ pub fn parse_complete_result(xml: &[u8]) -> CompleteOutcome {
             let e = parse_error_body(xml).unwrap_or_default();
             CompleteOutcome::Failed(format!("200 OK with an <Error> body: {}", e.summary()))
         }
-        Some(other) => CompleteOutcome::Failed(format!(
-            "200 OK with an unexpected <{other}> body"
-        )),
+        Some(other) => CompleteOutcome::Failed(format!("200 OK with an unexpected <{other}> body")),
         None => CompleteOutcome::Failed("200 OK without an XML body".to_owned()),
     }
 }
@@ -634,9 +632,13 @@ impl<A: XmlApi> MultipartWriter<A> {
             body: Vec::new(),
         });
         match res {
-            Ok(_) => tracing::debug!(key = %self.key, upload_id = %upload.id, "multipart upload aborted"),
+            Ok(_) => {
+                tracing::debug!(key = %self.key, upload_id = %upload.id, "multipart upload aborted")
+            }
             Err(e) if e.is_not_found() => {}
-            Err(e) => tracing::warn!(key = %self.key, upload_id = %upload.id, error = %e, "AbortMultipartUpload failed: the parts stay until a lifecycle rule removes them"),
+            Err(e) => {
+                tracing::warn!(key = %self.key, upload_id = %upload.id, error = %e, "AbortMultipartUpload failed: the parts stay until a lifecycle rule removes them")
+            }
         }
     }
 
@@ -679,11 +681,7 @@ impl<A: XmlApi> MultipartWriter<A> {
                 Ok(mut r) => std::mem::take(&mut r.parts),
                 Err(_) => Vec::new(),
             };
-            (
-                upload.id.clone(),
-                upload.next_part.saturating_sub(1),
-                parts,
-            )
+            (upload.id.clone(), upload.next_part.saturating_sub(1), parts)
         };
         parts.sort_by_key(|p| p.number);
         let complete_set = parts.len() == usize::try_from(expected).unwrap_or(usize::MAX)
@@ -753,7 +751,8 @@ impl<A: XmlApi> Write for MultipartWriter<A> {
         }
         let room = self.config.part_size.saturating_sub(self.buf.len());
         let n = room.min(data.len());
-        self.buf.extend_from_slice(data.get(..n).unwrap_or_default());
+        self.buf
+            .extend_from_slice(data.get(..n).unwrap_or_default());
         self.written = self.written.saturating_add(n as u64);
         if self.buf.len() >= self.config.part_size
             && let Err(e) = self.send_part()
@@ -805,12 +804,15 @@ impl<A: XmlApi> Drop for MultipartWriter<A> {
     }
 }
 
+/// Parts waiting for an uploader: (part number, bytes), shared by the uploader threads.
+type PartQueue = Arc<Mutex<Receiver<(u32, Vec<u8>)>>>;
+
 /// One part-uploader thread: takes parts from the channel until it closes.
 struct PartUploader<A: XmlApi> {
     api: Arc<A>,
     key: String,
     upload_id: String,
-    rx: Arc<Mutex<Receiver<(u32, Vec<u8>)>>>,
+    rx: PartQueue,
     results: Arc<Mutex<PartResults>>,
     failed: Arc<AtomicBool>,
 }
@@ -890,10 +892,7 @@ mod tests {
 <Error><Code>NoSuchKey</Code><Message>The specified key does not exist.</Message><Key>a/b</Key><RequestId>4442587FB7D0A2F9</RequestId></Error>"#;
         let e = parse_error_body(xml).unwrap();
         assert_eq!(e.code, "NoSuchKey");
-        assert_eq!(
-            e.summary(),
-            "NoSuchKey: The specified key does not exist."
-        );
+        assert_eq!(e.summary(), "NoSuchKey: The specified key does not exist.");
         // Entities are unescaped.
         let e = parse_error_body(
             b"<Error><Code>InvalidArgument</Code><Message>a &amp; b &lt;c&gt;</Message></Error>",
@@ -901,11 +900,14 @@ mod tests {
         .unwrap();
         assert_eq!(e.message, "a & b <c>");
         // Cut short (a transport keeps only the start of an error body).
-        let cut = parse_error_body(b"<Error><Code>SlowDown</Code><Message>Please reduce your req").unwrap();
+        let cut = parse_error_body(b"<Error><Code>SlowDown</Code><Message>Please reduce your req")
+            .unwrap();
         assert_eq!(cut.summary(), "SlowDown: Please reduce your req");
         assert_eq!(
-            describe_error_body(b"<?xml version=\"1.0\"?>\n<Error><Code>NoSuchBucket</Code></Error>")
-                .as_deref(),
+            describe_error_body(
+                b"<?xml version=\"1.0\"?>\n<Error><Code>NoSuchBucket</Code></Error>"
+            )
+            .as_deref(),
             Some("NoSuchBucket")
         );
         assert_eq!(describe_error_body(b"<html>oops</html>"), None);
@@ -936,10 +938,9 @@ mod tests {
         let xml = br#"<?xml version="1.0" encoding="UTF-8"?>
 <InitiateMultipartUploadResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/"><Bucket>b</Bucket><Key>k/memfile.zstd</Key><UploadId>VXBsb2FkIElE&amp;x</UploadId></InitiateMultipartUploadResult>"#;
         assert_eq!(parse_initiate_result(xml).unwrap(), "VXBsb2FkIElE&x");
-        let err = parse_initiate_result(
-            b"<Error><Code>AccessDenied</Code><Message>no</Message></Error>",
-        )
-        .unwrap_err();
+        let err =
+            parse_initiate_result(b"<Error><Code>AccessDenied</Code><Message>no</Message></Error>")
+                .unwrap_err();
         assert!(err.contains("AccessDenied: no"), "{err}");
         let err = parse_initiate_result(b"<Other/>").unwrap_err();
         assert!(err.contains("<Other>"), "{err}");
@@ -962,7 +963,9 @@ mod tests {
             Vec::<String>::new()
         );
         assert!(parse_list_uploads(b"<Error><Code>x</Code></Error>").is_err());
-        assert!(parse_list_uploads(b"<ListMultipartUploadsResult><Upload><Key>a</Upload>").is_err());
+        assert!(
+            parse_list_uploads(b"<ListMultipartUploadsResult><Upload><Key>a</Upload>").is_err()
+        );
     }
 
     #[test]
@@ -1016,7 +1019,10 @@ mod tests {
         // RFC 1864's example digest of the empty string.
         assert_eq!(content_md5(b""), "1B2M2Y8AsgTpgAmY7PhCfg==");
         assert_eq!(content_md5(b"hello"), "XUFAKrxLKna5cZ2REBfFkg==");
-        assert_eq!(encode_query_value("a+b/c=d~e_f.g-h"), "a%2Bb%2Fc%3Dd~e_f.g-h");
+        assert_eq!(
+            encode_query_value("a+b/c=d~e_f.g-h"),
+            "a%2Bb%2Fc%3Dd~e_f.g-h"
+        );
     }
 
     #[test]
@@ -1025,18 +1031,19 @@ mod tests {
         assert!(check_metadata(&opts).is_ok());
         assert_eq!(
             metadata_headers("x-amz-meta-", &opts),
-            vec![(
-                "x-amz-meta-uncompressed-size".to_owned(),
-                "123".to_owned()
-            )]
+            vec![("x-amz-meta-uncompressed-size".to_owned(), "123".to_owned())]
         );
         let mut bad = PutOptions::default();
         bad.metadata.insert("a b".to_owned(), "1".to_owned());
         assert!(check_metadata(&bad).is_err());
         let mut bad = PutOptions::default();
-        bad.metadata.insert("ok".to_owned(), "line\nbreak".to_owned());
+        bad.metadata
+            .insert("ok".to_owned(), "line\nbreak".to_owned());
         assert!(check_metadata(&bad).is_err());
     }
+
+    type Headers = Vec<(String, String)>;
+    type Parts = Vec<(u32, Vec<u8>)>;
 
     /// An in-memory service speaking the protocol, recording every call, with failure switches.
     #[derive(Debug, Default)]
@@ -1047,8 +1054,8 @@ mod tests {
     #[derive(Debug, Default)]
     struct FakeState {
         calls: Vec<String>,
-        objects: std::collections::BTreeMap<String, (Vec<u8>, Vec<(String, String)>)>,
-        uploads: std::collections::BTreeMap<String, (Vec<(String, String)>, Vec<(u32, Vec<u8>)>)>,
+        objects: std::collections::BTreeMap<String, (Vec<u8>, Headers)>,
+        uploads: std::collections::BTreeMap<String, (Headers, Parts)>,
         next_id: u32,
         fail_part: Option<u32>,
         complete_errors: u32,
@@ -1067,7 +1074,12 @@ mod tests {
             let mut st = self.state.lock().unwrap();
             st.calls.push(format!("{} {}", req.method.as_str(), req.op));
             let fail = |detail: &str| {
-                Err(StoreError::new(StoreErrorKind::Io, "fake://bucket", req.key, detail))
+                Err(StoreError::new(
+                    StoreErrorKind::Io,
+                    "fake://bucket",
+                    req.key,
+                    detail,
+                ))
             };
             let ok = |body: &[u8], headers: Vec<(String, String)>| {
                 Ok(XmlResponse {
@@ -1085,17 +1097,27 @@ mod tests {
             match (req.method, req.query) {
                 (Method::Put, "") => {
                     assert_eq!(
-                        req.headers.iter().find(|(n, _)| n == "content-md5").unwrap().1,
+                        req.headers
+                            .iter()
+                            .find(|(n, _)| n == "content-md5")
+                            .unwrap()
+                            .1,
                         content_md5(&req.body)
                     );
-                    let meta = req.headers.iter().filter(|(n, _)| n.starts_with("x-test-meta-")).cloned().collect();
+                    let meta = req
+                        .headers
+                        .iter()
+                        .filter(|(n, _)| n.starts_with("x-test-meta-"))
+                        .cloned()
+                        .collect();
                     st.objects.insert(req.key.to_owned(), (req.body, meta));
                     ok(b"", Vec::new())
                 }
                 (Method::Post, "uploads") => {
                     st.next_id += 1;
                     let id = format!("id+{}", st.next_id);
-                    st.uploads.insert(id.clone(), (req.headers.clone(), Vec::new()));
+                    st.uploads
+                        .insert(id.clone(), (req.headers.clone(), Vec::new()));
                     ok(
                         format!("<InitiateMultipartUploadResult><UploadId>{id}</UploadId></InitiateMultipartUploadResult>").as_bytes(),
                         Vec::new(),
@@ -1108,7 +1130,11 @@ mod tests {
                         return fail("injected part failure");
                     }
                     assert_eq!(
-                        req.headers.iter().find(|(n, _)| n == "content-md5").unwrap().1,
+                        req.headers
+                            .iter()
+                            .find(|(n, _)| n == "content-md5")
+                            .unwrap()
+                            .1,
                         content_md5(&req.body)
                     );
                     let etag = format!("\"{}\"", hex::encode(md5::Md5::digest(&req.body)));
@@ -1131,11 +1157,22 @@ mod tests {
                     parts.sort_by_key(|p| p.0);
                     let listed = parts
                         .iter()
-                        .map(|(n, d)| format!("<Part><PartNumber>{n}</PartNumber><ETag>\"{}\"</ETag></Part>", hex::encode(md5::Md5::digest(d))))
+                        .map(|(n, d)| {
+                            format!(
+                                "<Part><PartNumber>{n}</PartNumber><ETag>\"{}\"</ETag></Part>",
+                                hex::encode(md5::Md5::digest(d))
+                            )
+                        })
                         .collect::<String>();
-                    assert_eq!(body, format!("<CompleteMultipartUpload>{listed}</CompleteMultipartUpload>"));
+                    assert_eq!(
+                        body,
+                        format!("<CompleteMultipartUpload>{listed}</CompleteMultipartUpload>")
+                    );
                     let data = parts.into_iter().flat_map(|(_, d)| d).collect();
-                    let meta = headers.into_iter().filter(|(n, _)| n.starts_with("x-test-meta-")).collect();
+                    let meta = headers
+                        .into_iter()
+                        .filter(|(n, _)| n.starts_with("x-test-meta-"))
+                        .collect();
                     st.objects.insert(req.key.to_owned(), (data, meta));
                     ok(b"<CompleteMultipartUploadResult><Key>k</Key></CompleteMultipartUploadResult>", Vec::new())
                 }
@@ -1165,7 +1202,9 @@ mod tests {
     }
 
     fn data(len: usize) -> Vec<u8> {
-        (0..len).map(|i| (i * 7 + i / 4096) as u8).collect()
+        (0..len)
+            .map(|i| u8::try_from((i * 7 + i / 4096) % 251).unwrap())
+            .collect()
     }
 
     #[test]
@@ -1173,13 +1212,19 @@ mod tests {
         let api = Arc::new(FakeService::default());
         let mut w = writer(&api, 2);
         w.write_all(&data(1000)).unwrap();
-        assert!(api.state.lock().unwrap().calls.is_empty(), "nothing sent before commit");
+        assert!(
+            api.state.lock().unwrap().calls.is_empty(),
+            "nothing sent before commit"
+        );
         w.commit().unwrap();
         let st = api.state.lock().unwrap();
         assert_eq!(st.calls, vec!["PUT PutObject"]);
         let (body, meta) = &st.objects["b/memfile.zstd"];
         assert_eq!(body, &data(1000));
-        assert_eq!(meta, &vec![("x-test-meta-uncompressed-size".to_owned(), "42".to_owned())]);
+        assert_eq!(
+            meta,
+            &vec![("x-test-meta-uncompressed-size".to_owned(), "42".to_owned())]
+        );
     }
 
     #[test]
@@ -1191,12 +1236,18 @@ mod tests {
             w.write_all(piece).unwrap();
         }
         assert_eq!(w.written(), 12 << 20);
-        assert!(api.state.lock().unwrap().objects.is_empty(), "invisible before commit");
+        assert!(
+            api.state.lock().unwrap().objects.is_empty(),
+            "invisible before commit"
+        );
         w.commit().unwrap();
         let st = api.state.lock().unwrap();
         let (body, meta) = &st.objects["b/memfile.zstd"];
         assert!(body == &d, "assembled object differs");
-        assert_eq!(meta, &vec![("x-test-meta-uncompressed-size".to_owned(), "42".to_owned())]);
+        assert_eq!(
+            meta,
+            &vec![("x-test-meta-uncompressed-size".to_owned(), "42".to_owned())]
+        );
         let mut calls = st.calls.clone();
         calls.sort();
         assert_eq!(

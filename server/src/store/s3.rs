@@ -162,7 +162,10 @@ impl fmt::Debug for S3Config {
             .field("path_style", &self.path_style)
             .field(
                 "access_key_id",
-                &self.credentials.as_ref().map(|c| c.access_key_id().to_owned()),
+                &self
+                    .credentials
+                    .as_ref()
+                    .map(|c| c.access_key_id().to_owned()),
             )
             .field("part_size", &self.part_size)
             .field("upload_concurrency", &self.upload_concurrency)
@@ -232,7 +235,11 @@ impl S3Config {
             match key.as_str() {
                 "endpoint" => endpoint = Some(Endpoint::parse(value).map_err(bad)?),
                 "region" => {
-                    if value.is_empty() || !value.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+                    if value.is_empty()
+                        || !value
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                    {
                         return Err(bad(format!("region={value:?} is not a region name")));
                     }
                     region = Some(value.clone());
@@ -241,7 +248,11 @@ impl S3Config {
                     path_style = Some(match value.as_str() {
                         "true" | "1" | "yes" => true,
                         "false" | "0" | "no" => false,
-                        _ => return Err(bad(format!("path-style={value:?}: expected true or false"))),
+                        _ => {
+                            return Err(bad(format!(
+                                "path-style={value:?}: expected true or false"
+                            )));
+                        }
                     });
                 }
                 "part-size" => {
@@ -448,6 +459,20 @@ pub fn sign_request(
     Ok(())
 }
 
+/// One buffered request of [`S3Api::execute`].
+#[derive(Debug)]
+struct Call<'a> {
+    method: Method,
+    /// The object (`None`: the bucket).
+    key: Option<&'a str>,
+    /// Encoded query string without `?`.
+    query: &'a str,
+    headers: &'a [(String, String)],
+    body: Bytes,
+    /// Largest body accepted (refused before reading when announced).
+    max_body: u64,
+}
+
 /// The S3 side of the XML API: URLs, signing and the transport.
 #[derive(Debug)]
 pub struct S3Api {
@@ -498,18 +523,22 @@ impl S3Api {
         Ok(req)
     }
 
-    /// Runs one buffered request (retried by the transport).
+    /// Runs one buffered request (retried by the transport); `label` names the operation in
+    /// metrics, `what` in messages.
     fn execute(
         &self,
         label: &'static str,
         what: &str,
-        method: Method,
-        key: Option<&str>,
-        query: &str,
-        headers: &[(String, String)],
-        body: Bytes,
-        max_body: u64,
+        call: Call<'_>,
     ) -> Result<HttpResponse, StoreError> {
+        let Call {
+            method,
+            key,
+            query,
+            headers,
+            body,
+            max_body,
+        } = call;
         self.client
             .execute(label, key.unwrap_or(""), what, max_body, &mut || {
                 self.build(method, key, query, headers, &body)
@@ -565,17 +594,22 @@ impl XmlApi for S3Api {
         let mut headers = req.headers;
         if req.method == Method::Put && !headers.iter().any(|(n, _)| n == "content-type") {
             // Without it some servers (moto's Werkzeug) read the body as a form and drop it.
-            headers.push(("content-type".to_owned(), "application/octet-stream".to_owned()));
+            headers.push((
+                "content-type".to_owned(),
+                "application/octet-stream".to_owned(),
+            ));
         }
         let resp = self.execute(
             label,
             req.op,
-            req.method,
-            Some(req.key),
-            req.query,
-            &headers,
-            Bytes::from(req.body),
-            u64::try_from(MAX_XML_BODY).unwrap_or(u64::MAX),
+            Call {
+                method: req.method,
+                key: Some(req.key),
+                query: req.query,
+                headers: &headers,
+                body: Bytes::from(req.body),
+                max_body: u64::try_from(MAX_XML_BODY).unwrap_or(u64::MAX),
+            },
         )?;
         Ok(XmlResponse {
             status: resp.status.as_u16(),
@@ -657,12 +691,14 @@ impl S3Store {
         let res = self.api.execute(
             "create_bucket",
             "CreateBucket",
-            Method::Put,
-            None,
-            "",
-            &[],
-            Bytes::from(body),
-            u64::try_from(MAX_XML_BODY).unwrap_or(u64::MAX),
+            Call {
+                method: Method::Put,
+                key: None,
+                query: "",
+                headers: &[],
+                body: Bytes::from(body),
+                max_body: u64::try_from(MAX_XML_BODY).unwrap_or(u64::MAX),
+            },
         );
         match res {
             Ok(_) => Ok(()),
@@ -685,12 +721,14 @@ impl S3Store {
         let resp = self.api.execute(
             "list",
             "ListMultipartUploads",
-            Method::Get,
-            None,
-            &query,
-            &[],
-            Bytes::new(),
-            u64::try_from(MAX_XML_BODY).unwrap_or(u64::MAX),
+            Call {
+                method: Method::Get,
+                key: None,
+                query: &query,
+                headers: &[],
+                body: Bytes::new(),
+                max_body: u64::try_from(MAX_XML_BODY).unwrap_or(u64::MAX),
+            },
         )?;
         let keys = super::multipart::parse_list_uploads(&resp.body)
             .map_err(|e| self.err(StoreErrorKind::Io, "", format!("ListMultipartUploads: {e}")))?;
@@ -742,25 +780,37 @@ impl S3Store {
     /// (`InvalidAccessKeyId`, `SignatureDoesNotMatch`, ...).
     fn head(&self, key: &str) -> Result<HttpResponse, StoreError> {
         self.check_key(key)?;
-        let res = self
-            .api
-            .execute("stat", "stat", Method::Head, Some(key), "", &[], Bytes::new(), 0);
+        let res = self.api.execute(
+            "stat",
+            "stat",
+            Call {
+                method: Method::Head,
+                key: Some(key),
+                query: "",
+                headers: &[],
+                body: Bytes::new(),
+                max_body: 0,
+            },
+        );
         match res {
-            Err(e) if e.kind() == StoreErrorKind::Io && {
-                let text = e.to_string();
-                text.contains("HTTP 403") || text.contains("HTTP 400")
-            } =>
+            Err(e)
+                if e.kind() == StoreErrorKind::Io && {
+                    let text = e.to_string();
+                    text.contains("HTTP 403") || text.contains("HTTP 400")
+                } =>
             {
                 let range = [("range".to_owned(), "bytes=0-0".to_owned())];
                 match self.api.execute(
                     "stat",
                     "stat (GET for the error code)",
-                    Method::Get,
-                    Some(key),
-                    "",
-                    &range,
-                    Bytes::new(),
-                    1,
+                    Call {
+                        method: Method::Get,
+                        key: Some(key),
+                        query: "",
+                        headers: &range,
+                        body: Bytes::new(),
+                        max_body: 1,
+                    },
                 ) {
                     Err(why) => Err(why),
                     Ok(_) => Err(e),
@@ -881,9 +931,18 @@ impl Store for S3Store {
 
     fn get(&self, key: &str, max_len: u64) -> Result<Vec<u8>, StoreError> {
         self.check_key(key)?;
-        let resp =
-            self.api
-                .execute("get", "get", Method::Get, Some(key), "", &[], Bytes::new(), max_len)?;
+        let resp = self.api.execute(
+            "get",
+            "get",
+            Call {
+                method: Method::Get,
+                key: Some(key),
+                query: "",
+                headers: &[],
+                body: Bytes::new(),
+                max_body: max_len,
+            },
+        )?;
         Ok(resp.body.to_vec())
     }
 
@@ -990,7 +1049,10 @@ mod tests {
         );
         // The secret never shows in Debug output.
         let debug = format!("{c:?}");
-        assert!(!debug.contains("SECRET") && !debug.contains("TOKEN"), "{debug}");
+        assert!(
+            !debug.contains("SECRET") && !debug.contains("TOKEN"),
+            "{debug}"
+        );
 
         // URL parameters win over the environment.
         let c = S3Config::parse(
@@ -999,7 +1061,10 @@ mod tests {
             &env,
         )
         .unwrap();
-        assert_eq!(c.endpoint.as_ref().unwrap().base(), "https://minio.local:9443");
+        assert_eq!(
+            c.endpoint.as_ref().unwrap().base(),
+            "https://minio.local:9443"
+        );
         assert_eq!(c.region, "us-west-2");
         assert!(!c.path_style);
         assert_eq!(c.part_size, 5 << 20);
@@ -1033,7 +1098,8 @@ mod tests {
 
     #[test]
     fn bad_urls_are_refused_clearly() {
-        let cases: &[(&str, &[(&str, &str)], &str)] = &[
+        type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+        let cases: &[Case<'_>] = &[
             ("s3://", &[], "no bucket"),
             ("s3:///prefix", &[], "no bucket"),
             ("s3://b a d", &[], "bucket name"),
@@ -1051,10 +1117,26 @@ mod tests {
             ("s3://b?upload-concurrency=0", &[], "upload-concurrency"),
             ("s3://b?budget=never", &[], "budget"),
             ("s3://b.c?path-style=false", &[], "not a DNS label"),
-            ("s3://b", &[("AWS_ACCESS_KEY_ID", "x")], "AWS_SECRET_ACCESS_KEY is not"),
-            ("s3://b", &[("AWS_SECRET_ACCESS_KEY", "x")], "AWS_ACCESS_KEY_ID is not"),
-            ("s3://b", &[("AWS_ENDPOINT_URL", "nope")], "AWS_ENDPOINT_URL"),
-            ("s3://b", &[("THAW_HTTP_ATTEMPTS", "0")], "THAW_HTTP_ATTEMPTS"),
+            (
+                "s3://b",
+                &[("AWS_ACCESS_KEY_ID", "x")],
+                "AWS_SECRET_ACCESS_KEY is not",
+            ),
+            (
+                "s3://b",
+                &[("AWS_SECRET_ACCESS_KEY", "x")],
+                "AWS_ACCESS_KEY_ID is not",
+            ),
+            (
+                "s3://b",
+                &[("AWS_ENDPOINT_URL", "nope")],
+                "AWS_ENDPOINT_URL",
+            ),
+            (
+                "s3://b",
+                &[("THAW_HTTP_ATTEMPTS", "0")],
+                "THAW_HTTP_ATTEMPTS",
+            ),
         ];
         for (url, env, want) in cases {
             let err = S3Config::parse(url, &env_of(env)).unwrap_err();
