@@ -6,7 +6,8 @@
 //!
 //! Supported today: the local directory store ([`FileStore`], `file:///abs/dir` or a bare path)
 //! and the simulated store ([`SimStore`], `sim:ttfb=20ms,bw=100MB/s,inner=file:///dir`, see
-//! [`sim`]). `gs://` and `s3://` are recognised and refused with an "not supported yet" error.
+//! [`sim`]), and Google Cloud Storage ([`GcsStore`], `gs://bucket/prefix`, over the HTTP
+//! transport of [`http`]). `s3://` is recognised and refused with a "not supported yet" error.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -15,11 +16,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 mod file;
+pub mod gcs;
 pub mod http;
 pub mod shared_cache;
 pub mod sim;
 
 pub use file::FileStore;
+pub use gcs::GcsStore;
 pub use sim::SimStore;
 
 /// Custom object metadata attached on upload.
@@ -309,7 +312,9 @@ pub trait Store: Send + Sync + fmt::Debug {
 ///   against the current directory);
 /// - `sim:PARAMS,inner=URL`: the simulated store ([`SimStore`]) around the store named by `URL`;
 ///   bad parameters are [`StoreErrorKind::InvalidUrl`];
-/// - `gs://`, `s3://` and any other scheme: [`StoreErrorKind::Unsupported`].
+/// - `gs://bucket/prefix[?params]`: Google Cloud Storage ([`GcsStore`]; parameters, endpoint and
+///   credentials in [`gcs`], deadlines and retries in [`http`]);
+/// - `s3://` and any other scheme: [`StoreErrorKind::Unsupported`].
 ///
 /// The directory need not exist yet: writes create it, reads report [`StoreErrorKind::NotFound`].
 pub fn open_store(url: &str) -> Result<Arc<dyn Store>, StoreError> {
@@ -334,6 +339,9 @@ pub fn open_store(url: &str) -> Result<Arc<dyn Store>, StoreError> {
     }
     if url.starts_with("sim:") {
         return Ok(Arc::new(SimStore::open(url)?));
+    }
+    if url.starts_with("gs://") {
+        return Ok(Arc::new(GcsStore::open(url)?));
     }
     if let Some(scheme) = url_scheme(url) {
         let what = match scheme {
@@ -403,7 +411,7 @@ mod tests {
 
     #[test]
     fn schemes_are_refused_clearly() {
-        for url in ["gs://bucket/prefix", "s3://bucket", "http://x"] {
+        for url in ["s3://bucket", "http://x"] {
             let err = open_store(url).unwrap_err();
             assert_eq!(err.kind(), StoreErrorKind::Unsupported, "{url}");
             assert!(err.to_string().contains("not supported yet"), "{err}");
@@ -423,7 +431,7 @@ mod tests {
             assert_eq!(err.kind(), StoreErrorKind::InvalidUrl, "{url}");
         }
         assert_eq!(
-            open_store("sim:inner=gs://b").unwrap_err().kind(),
+            open_store("sim:inner=s3://b").unwrap_err().kind(),
             StoreErrorKind::Unsupported
         );
     }
