@@ -353,7 +353,10 @@ pub fn open_store(url: &str) -> Result<Arc<dyn Store>, StoreError> {
             StoreErrorKind::Unsupported,
             url,
             "",
-            format!("{what} is not supported yet; use file:///abs/dir or a directory path"),
+            format!(
+                "{what} is not supported yet; use file:///abs/dir, a directory path or \
+                 gs://bucket/prefix"
+            ),
         ));
     }
     let path = Path::new(url);
