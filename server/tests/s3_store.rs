@@ -359,7 +359,9 @@ fn wrong_credentials_are_a_clear_error() {
         before.retries,
         "403 is not retried"
     );
+    eprintln!("stat with a wrong key: {text}");
     let err = store.put("k", b"x", &PutOptions::default()).unwrap_err();
+    eprintln!("put with a wrong key: {err}");
     assert!(err.to_string().contains("InvalidAccessKeyId"), "{err}");
 
     // Through the CLI: one line naming the store and the S3 error code.
