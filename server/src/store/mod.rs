@@ -438,7 +438,7 @@ mod tests {
             assert_eq!(err.kind(), StoreErrorKind::InvalidUrl, "{url}");
         }
         assert_eq!(
-            open_store("sim:inner=s3://b").unwrap_err().kind(),
+            open_store("sim:inner=ftp://b").unwrap_err().kind(),
             StoreErrorKind::Unsupported
         );
     }
