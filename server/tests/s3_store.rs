@@ -68,9 +68,10 @@ fn chains_uploaded_by_thaw_compress_read_back_through_the_engine() {
         return;
     };
     let bucket = moto.store("chains", "");
-    for (codec, name, compression) in [
-        ("zstd:1", "zstd", CompressionType::Zstd),
-        ("none", "none", CompressionType::None),
+    for (codec, name, compression, header_version) in [
+        ("zstd:1", "zstd", CompressionType::Zstd, "4"),
+        ("lz4", "lz4", CompressionType::Lz4, "5"),
+        ("none", "none", CompressionType::None, "4"),
     ] {
         let dir = tempfile::tempdir().unwrap();
         let manifest = plain_chain(dir.path(), 7);
@@ -88,6 +89,8 @@ fn chains_uploaded_by_thaw_compress_read_back_through_the_engine() {
                 "--no-progress",
                 "--to",
                 &to,
+                "--header-version",
+                header_version,
             ])
             .output()
             .unwrap();
