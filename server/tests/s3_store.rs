@@ -11,13 +11,18 @@
 
 #[path = "common/moto.rs"]
 mod moto;
+// The fault-injecting HTTP/1.1 proxy (shared with the GCS tests).
+#[path = "common/gcs.rs"]
+mod gcs;
 
 use std::fs;
 use std::io::Write;
 use std::ops::ControlFlow;
 use std::path::Path;
 use std::process::Output;
+use std::time::Duration;
 
+use gcs::{Fault, FaultProxy};
 use moto::Moto;
 use rand::{Rng, SeedableRng};
 use thaw_codec::names::data_object;
@@ -379,4 +384,93 @@ fn wrong_credentials_are_a_clear_error() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("s3://locked/p"), "{stderr}");
     assert!(stderr.contains("InvalidAccessKeyId"), "{stderr}");
+}
+
+#[test]
+fn faults_on_ranged_gets_are_retried_and_never_served() {
+    let Some(moto) = Moto::start(false) else {
+        return;
+    };
+    let direct = moto.store("faults/p", "");
+    let len = 300_000usize;
+    let data = random(len, 3);
+    direct.put("obj", &data, &PutOptions::default()).unwrap();
+    let port: u16 = moto.endpoint.rsplit(':').next().unwrap().parse().unwrap();
+    let proxy = FaultProxy::start(port);
+    let url = format!(
+        "s3://faults/p?endpoint={}&idle-timeout=300ms&first-byte-timeout=300ms",
+        proxy.endpoint()
+    );
+    let store = moto.store_as(&url, Some((moto::ACCESS_KEY, moto::SECRET_KEY)));
+
+    // B1 (503, 429), B4 (a truncated body, a reset), B3/B5 (a hang, a stalled body): each
+    // retried, reads resume where delivery stopped, and the result is exact.
+    proxy.inject(
+        "GET /faults/p/obj",
+        &[
+            Fault::Status(503),
+            Fault::Status(429),
+            Fault::Truncate { bytes: 10_000 },
+            Fault::Reset { bytes: 20_000 },
+            Fault::Hang(Duration::from_millis(600)),
+            Fault::Slow {
+                bytes: 30_000,
+                stall: Duration::from_millis(600),
+            },
+        ],
+    );
+    let before = store.http_stats();
+    let mut got = vec![0u8; len];
+    let mut pieces = Vec::new();
+    store
+        .read_range_progress("obj", 0, &mut got, &mut |n| pieces.push(n))
+        .unwrap();
+    assert!(got == data, "a faulty transfer changed the bytes");
+    assert_eq!(proxy.pending(), 0, "every fault was met");
+    assert_eq!(store.http_stats().retries - before.retries, 6);
+    assert!(pieces.windows(2).all(|w| w[0] <= w[1]));
+    // Resumed reads ask for the rest, not the whole object again.
+    let log = proxy.log();
+    assert!(
+        log.iter().any(|l| l.contains("range=bytes=10000-299999")),
+        "{log:?}"
+    );
+
+    // Past the attempts: an error naming the store, the key and the last cause; the sink only
+    // ever got real bytes of the object.
+    let strict = moto.store_as(
+        &format!("s3://faults/p?endpoint={}&attempts=2", proxy.endpoint()),
+        Some((moto::ACCESS_KEY, moto::SECRET_KEY)),
+    );
+    proxy.inject(
+        "GET /faults/p/obj",
+        &[
+            Fault::Truncate { bytes: 1000 },
+            Fault::Truncate { bytes: 1000 },
+        ],
+    );
+    let mut delivered = Vec::new();
+    let err = strict
+        .read_stream("obj", 0, len as u64, &mut |piece| {
+            delivered.extend_from_slice(piece);
+            ControlFlow::Continue(())
+        })
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("s3://faults/p") && text.contains("obj"),
+        "{text}"
+    );
+    assert!(text.contains("2 attempts"), "{text}");
+    assert!(
+        delivered == data[..delivered.len()],
+        "bytes not of the object were delivered"
+    );
+
+    // A 404 is not retried.
+    proxy.reset_counts();
+    proxy.inject("GET /faults/p/obj", &[Fault::Status(404)]);
+    let err = store.read_range("obj", 0, &mut [0u8; 10]).unwrap_err();
+    assert_eq!(err.kind(), StoreErrorKind::NotFound, "{err}");
+    assert_eq!(proxy.requests(), 1);
 }
