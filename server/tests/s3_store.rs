@@ -474,3 +474,43 @@ fn faults_on_ranged_gets_are_retried_and_never_served() {
     assert_eq!(err.kind(), StoreErrorKind::NotFound, "{err}");
     assert_eq!(proxy.requests(), 1);
 }
+
+#[test]
+fn moto_checks_our_signatures() {
+    // Authentication enforced after 3 free actions (the IAM setup): every request below is
+    // checked against its SigV4 signature.
+    let Some(moto) = Moto::start_with(Some(3)) else {
+        return;
+    };
+    let (id, secret) = moto::iam_credentials(&moto);
+    let url = moto.url("signed/p", "part-size=5MiB");
+    let store = moto.store_as(&url, Some((&id, &secret)));
+    store.create_bucket().unwrap();
+    // Keys that need encoding, metadata headers, ranges, HEAD, multipart: all signed right.
+    let odd = "odd dir/a+b=c&d~e(1)/ü.bin";
+    store
+        .put(odd, b"signed", &PutOptions::with_uncompressed_size(6))
+        .unwrap();
+    assert_eq!(store.get(odd, 10).unwrap(), b"signed");
+    assert_eq!(store.stat(odd).unwrap().logical_size(), 6);
+    let mut b = [0u8; 3];
+    store.read_range(odd, 2, &mut b).unwrap();
+    assert_eq!(&b, b"gne");
+    let data = random((5 << 20) + 100, 4);
+    let mut w = store
+        .create("big", &PutOptions::with_uncompressed_size(1))
+        .unwrap();
+    w.write_all(&data).unwrap();
+    w.commit().unwrap();
+    assert!(store.get("big", u64::MAX).unwrap() == data);
+    assert_eq!(
+        store.list_multipart_uploads().unwrap(),
+        Vec::<String>::new()
+    );
+
+    // The right key with a wrong secret: SignatureDoesNotMatch, named.
+    let forged = moto.store_as(&url, Some((&id, "not-the-secret")));
+    let err = forged.get(odd, 10).unwrap_err().to_string();
+    assert!(err.contains("SignatureDoesNotMatch"), "{err}");
+    assert!(err.contains("s3://signed/p"), "{err}");
+}

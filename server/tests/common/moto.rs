@@ -57,6 +57,12 @@ impl Moto {
     /// tools are not required. `enforce_auth`: moto then checks access keys (a wrong one gets
     /// `InvalidAccessKeyId`), and every request needs known credentials.
     pub fn start(enforce_auth: bool) -> Option<Self> {
+        Self::start_with(if enforce_auth { Some(0) } else { None })
+    }
+
+    /// Starts moto_server with authentication enforced after `free` unauthenticated actions
+    /// (`None`: never enforced).
+    pub fn start_with(free: Option<u32>) -> Option<Self> {
         let Some(bin) = moto_server_path() else {
             assert!(
                 !tools_required(),
@@ -77,8 +83,8 @@ impl Moto {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap());
-        if enforce_auth {
-            cmd.env("INITIAL_NO_AUTH_ACTION_COUNT", "0");
+        if let Some(free) = free {
+            cmd.env("INITIAL_NO_AUTH_ACTION_COUNT", free.to_string());
         } else {
             cmd.env_remove("INITIAL_NO_AUTH_ACTION_COUNT");
         }
@@ -172,6 +178,42 @@ impl Moto {
             .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY);
         cmd
     }
+}
+
+/// On a moto started with `start_with(Some(3))`: creates an IAM user allowed `s3:*` and returns
+/// its access key and secret (moto then checks SigV4 signatures made with them). Uses boto3 from
+/// moto's own venv (installed with `moto[server]`); the three IAM calls are the free actions.
+pub fn iam_credentials(moto: &Moto) -> (String, String) {
+    let python = moto_server_path()
+        .and_then(|p| p.parent().map(|d| d.join("python")))
+        .filter(|p| p.is_file())
+        .expect("moto's venv python (for boto3)");
+    let script = r#"
+import boto3, json, sys
+iam = boto3.client("iam", endpoint_url=sys.argv[1], region_name="us-east-1",
+                   aws_access_key_id="bootstrap", aws_secret_access_key="bootstrap")
+iam.create_user(UserName="thaw")
+iam.put_user_policy(UserName="thaw", PolicyName="s3", PolicyDocument=json.dumps(
+    {"Version": "2012-10-17",
+     "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
+key = iam.create_access_key(UserName="thaw")["AccessKey"]
+print(key["AccessKeyId"], key["SecretAccessKey"])
+"#;
+    let out = Command::new(python)
+        .args(["-c", script, &moto.endpoint])
+        .env_remove("AWS_PROFILE")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "creating IAM credentials in moto: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let mut words = text.split_whitespace();
+    let id = words.next().unwrap().to_owned();
+    let secret = words.next().unwrap().to_owned();
+    (id, secret)
 }
 
 impl Drop for Moto {
