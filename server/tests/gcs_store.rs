@@ -588,6 +588,7 @@ fn b4_truncated_and_reset_bodies_are_retried_never_served() {
         })
         .unwrap_err();
     assert!(e.to_string().contains("5 attempts"), "{e}");
+    assert_eq!(e.kind(), StoreErrorKind::Truncated, "{e}");
     assert_eq!(got, body[..got.len()]);
     assert_eq!(proxy.matched(), 5);
 
