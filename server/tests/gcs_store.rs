@@ -475,7 +475,8 @@ fn b1_503_and_429_are_retried_within_the_budget() {
     let t = Instant::now();
     let e = s.read_range("f/obj", 0, &mut buf).unwrap_err();
     let took = t.elapsed();
-    assert!(took < Duration::from_millis(1500), "{took:?}: {e}");
+    // Upper bound only (the machine may be loaded): far below 1000 attempts of up to 200 ms.
+    assert!(took < Duration::from_secs(3), "{took:?}: {e}");
     assert!(e.to_string().contains("429"), "{e}");
     assert!(
         proxy.matched() >= 2 && proxy.matched() < 40,
@@ -521,16 +522,17 @@ fn b3_b5_stalls_hit_the_deadlines_and_reads_resume() {
     proxy.inject(
         "alt=media",
         &[
-            Fault::Hang(Duration::from_secs(3)),
+            Fault::Hang(Duration::from_secs(6)),
             Fault::Slow {
                 bytes: 100_000,
-                stall: Duration::from_secs(3),
+                stall: Duration::from_secs(6),
             },
         ],
     );
     let t = Instant::now();
     assert_eq!(read_all(&s, "f/obj", 0, body.len()), body);
-    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    // Neither stall was waited out (upper bound only).
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
     assert_eq!(range_starts(&proxy), vec![0, 0, 100_000]);
 
     // Every attempt stalls: the budget ends the read with an error naming the deadline.
@@ -539,15 +541,11 @@ fn b3_b5_stalls_hit_the_deadlines_and_reads_resume() {
         "&idle-timeout=200ms&first-byte-timeout=200ms&budget=1s&attempts=100",
     );
     proxy.reset_counts();
-    proxy.inject("alt=media", &vec![Fault::Hang(Duration::from_secs(3)); 100]);
+    proxy.inject("alt=media", &vec![Fault::Hang(Duration::from_secs(6)); 100]);
     let t = Instant::now();
     let mut buf = vec![0u8; 4096];
     let e = s.read_range("f/obj", 0, &mut buf).unwrap_err();
-    assert!(
-        t.elapsed() < Duration::from_millis(1500),
-        "{:?}",
-        t.elapsed()
-    );
+    assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
     let msg = e.to_string();
     assert!(msg.contains("deadline") || msg.contains("budget"), "{msg}");
 }
