@@ -991,6 +991,11 @@ impl HttpClient {
                     }
                 }
             };
+            if done >= len {
+                // Every byte arrived; only the end of the body went wrong (a chunked body whose
+                // last chunk never came): the range is complete.
+                break Ok(done);
+            }
             let failure = if done > 0 && failure.retry {
                 Failure {
                     detail: format!("{} (after {done} bytes delivered)", failure.detail),
@@ -1040,7 +1045,7 @@ impl HttpClient {
     ) -> Result<bool, Failure> {
         let resp = Self::send(client, req, config.first_byte_timeout, deadline, labels).await?;
         let (parts, mut body) = resp.into_parts();
-        let want = end - start;
+        let want = end.saturating_sub(start);
         match parts.status {
             StatusCode::PARTIAL_CONTENT => {
                 check_content_range(&parts.headers, start, end)?;
