@@ -7,7 +7,8 @@
 #   CODEC=none bench/gcs_bench.sh          an uncompressed build (no decoding: the transport alone)
 #   THAW=target/release/thaw THAW_BENCH=target/release/thaw-bench bench/gcs_bench.sh
 #
-# Prints one line per run and a Markdown summary (docs/benchmarks.md, "GCS").
+# Prints one line per run, then the store's raw throughput without the engine (`thaw-bench stream`:
+# one whole-object request, then the object in frame-sized ranged requests one after another).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZE=${1:-256MiB}
@@ -69,3 +70,8 @@ print(f'run $run: curl {c_mib:.1f} MiB in {c_secs:.3f} s ({curl_tp:.0f} MiB/s); 
   echo "  thaw: $stats"
 
 done
+
+key="${object//%2F//}"; key="${key#builds/}"
+c_size=$(curl -s "$ep/storage/v1/b/bench/o/$object" | python3 -c 'import json,sys; print(json.load(sys.stdin)["size"])')
+echo "transport alone (thaw-bench stream, pieces of one average frame):"
+"$THAW_BENCH" stream --store "$store" --key "$key" --piece $(( c_size / frames )) --rounds "$RUNS"

@@ -4,6 +4,8 @@
 //! - `thaw-bench codec`: frame decode/encode throughput against the `zstd` and `lz4` CLIs.
 //! - `thaw-bench engine`: e2b's chunker benchmarks (random access, cold concurrent reads, cache
 //!   hits, bookkeeping) against the engine, beside e2b's figures.
+//! - `thaw-bench stream`: a store's raw read throughput (one whole-object stream, then sequential
+//!   ranged pieces), without the engine.
 //! - `thaw-bench uffd`: the UFFD fault path (warm 4 KiB / 2 MiB faults vs a minimal handler, cold
 //!   image touch with and without prefetch).
 
@@ -14,6 +16,7 @@ use clap::{Parser, Subcommand};
 mod codec_bench;
 mod engine_bench;
 mod gen_cmd;
+mod stream_cmd;
 mod uffd_bench;
 mod uffd_sys;
 
@@ -36,6 +39,9 @@ enum Command {
     /// The engine under e2b's chunker benchmarks (simulated GCS/NFS): random access, cold
     /// concurrent reads per codec, cache hits, bookkeeping memory; e2b's figures beside ours.
     Engine(Box<engine_bench::EngineBenchArgs>),
+    /// A store's raw read throughput, without the engine: one whole-object read_stream, then
+    /// sequential ranged pieces.
+    Stream(stream_cmd::StreamArgs),
     /// The UFFD fault path: warm 4 KiB and 2 MiB faults vs a minimal handler, and a cold image
     /// touch through the simulated store and file://, with and without prefetch.
     Uffd(Box<uffd_bench::UffdBenchArgs>),
@@ -54,6 +60,7 @@ fn main() -> ExitCode {
         Command::Gen(args) => gen_cmd::run(args),
         Command::Codec(args) => codec_bench::run(args),
         Command::Engine(args) => engine_bench::run(args),
+        Command::Stream(args) => stream_cmd::run(args),
         Command::Uffd(args) => uffd_bench::run(args),
     };
     match result {

@@ -14,6 +14,8 @@
 mod common;
 #[path = "common/gcs.rs"]
 mod gcs;
+#[path = "common/nbd.rs"]
+mod nbd_common;
 
 use std::ops::ControlFlow;
 use std::path::Path;
@@ -473,7 +475,8 @@ fn b1_503_and_429_are_retried_within_the_budget() {
     let t = Instant::now();
     let e = s.read_range("f/obj", 0, &mut buf).unwrap_err();
     let took = t.elapsed();
-    assert!(took < Duration::from_millis(1500), "{took:?}: {e}");
+    // Upper bound only (the machine may be loaded): far below 1000 attempts of up to 200 ms.
+    assert!(took < Duration::from_secs(3), "{took:?}: {e}");
     assert!(e.to_string().contains("429"), "{e}");
     assert!(
         proxy.matched() >= 2 && proxy.matched() < 40,
@@ -519,16 +522,17 @@ fn b3_b5_stalls_hit_the_deadlines_and_reads_resume() {
     proxy.inject(
         "alt=media",
         &[
-            Fault::Hang(Duration::from_secs(3)),
+            Fault::Hang(Duration::from_secs(6)),
             Fault::Slow {
                 bytes: 100_000,
-                stall: Duration::from_secs(3),
+                stall: Duration::from_secs(6),
             },
         ],
     );
     let t = Instant::now();
     assert_eq!(read_all(&s, "f/obj", 0, body.len()), body);
-    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    // Neither stall was waited out (upper bound only).
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
     assert_eq!(range_starts(&proxy), vec![0, 0, 100_000]);
 
     // Every attempt stalls: the budget ends the read with an error naming the deadline.
@@ -537,15 +541,11 @@ fn b3_b5_stalls_hit_the_deadlines_and_reads_resume() {
         "&idle-timeout=200ms&first-byte-timeout=200ms&budget=1s&attempts=100",
     );
     proxy.reset_counts();
-    proxy.inject("alt=media", &vec![Fault::Hang(Duration::from_secs(3)); 100]);
+    proxy.inject("alt=media", &vec![Fault::Hang(Duration::from_secs(6)); 100]);
     let t = Instant::now();
     let mut buf = vec![0u8; 4096];
     let e = s.read_range("f/obj", 0, &mut buf).unwrap_err();
-    assert!(
-        t.elapsed() < Duration::from_millis(1500),
-        "{:?}",
-        t.elapsed()
-    );
+    assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
     let msg = e.to_string();
     assert!(msg.contains("deadline") || msg.contains("budget"), "{msg}");
 }
@@ -586,6 +586,7 @@ fn b4_truncated_and_reset_bodies_are_retried_never_served() {
         })
         .unwrap_err();
     assert!(e.to_string().contains("5 attempts"), "{e}");
+    assert_eq!(e.kind(), StoreErrorKind::Truncated, "{e}");
     assert_eq!(got, body[..got.len()]);
     assert_eq!(proxy.matched(), 5);
 
@@ -710,4 +711,79 @@ fn engine_through_faults_serves_and_caches_only_verified_bytes() {
         "cached bytes differ"
     );
     assert_eq!(proxy.matched(), 0, "{:?}", proxy.log());
+}
+
+#[test]
+fn thaw_serve_exports_a_gs_build_over_nbd_with_store_metrics() {
+    let Some(gcs) = emulator() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let gs = store(&gcs.endpoint(), "");
+    let manifest = generate(
+        &gs,
+        &dir.path().join("expected"),
+        &chain_spec(CompressionType::Zstd, 4, 31),
+    )
+    .unwrap();
+    let top = manifest.layers.last().unwrap();
+    let flat = std::fs::read(&top.files["rootfs.ext4"].flat).unwrap();
+    let url = format!("gs://snap/pre/fix?endpoint={}", gcs.endpoint());
+    let serve = nbd_common::Serve::start_with(
+        &url,
+        &[("disk".to_owned(), top.build_id)],
+        &["--metrics", "tcp:127.0.0.1:0"],
+    );
+    let got = nbd_common::nbdcopy_to_vec(&serve.unix_uri("disk"), dir.path(), &[]);
+    assert!(
+        got == flat,
+        "bytes served over NBD from gs:// differ from the flattened image"
+    );
+    let scrape = serve.scrape();
+    let requests = nbd_common::Serve::metric(
+        &scrape,
+        "thaw_store_requests_total{scheme=\"gs\",op=\"read\"}",
+    )
+    .unwrap_or_else(|| panic!("no store metrics in\n{scrape}"));
+    assert!(requests >= 1.0, "{requests}");
+    assert!(scrape.contains("thaw_store_first_byte_seconds_bucket{scheme=\"gs\",op=\"read\""));
+}
+
+#[test]
+fn configuration_errors_are_clear_and_settings_apply() {
+    let Some(gcs) = emulator() else { return };
+    let proxy = FaultProxy::start(gcs.port);
+    let (s, _) = fault_setup(&gcs, &proxy, "");
+    drop(s);
+    let id = uuid::Uuid::new_v4().to_string();
+    let inspect = |url: &str, env: &[(&str, &str)]| {
+        let out = thaw_cmd(&["inspect", "--store", url, "--build", &id], env);
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let e = inspect("gs://snap?colour=blue", &[]);
+    assert!(e.contains("unknown parameter \"colour\""), "{e}");
+    let e = inspect("gs://snap?budget=soon", &[]);
+    assert!(e.contains("budget"), "{e}");
+    let e = inspect("gs://Not_A_Bucket", &[]);
+    assert!(e.contains("bucket name"), "{e}");
+    let e = inspect("gs://snap", &[("THAW_HTTP_BUDGET", "never")]);
+    assert!(e.contains("THAW_HTTP_BUDGET"), "{e}");
+    // THAW_HTTP_ATTEMPTS applies; the URL parameter overrides it.
+    let url = format!(
+        "gs://snap/pre/fix?endpoint={}&backoff-base=1ms",
+        proxy.endpoint()
+    );
+    proxy.inject("", &vec![Fault::Status(503); 1000]);
+    let e = inspect(&url, &[("THAW_HTTP_ATTEMPTS", "2")]);
+    assert!(e.contains("503") && e.contains("2 attempts"), "{e}");
+    let e = inspect(&format!("{url}&attempts=3"), &[("THAW_HTTP_ATTEMPTS", "2")]);
+    assert!(e.contains("3 attempts"), "{e}");
+    // STORAGE_EMULATOR_HOST names the endpoint (host:port without a scheme works too).
+    proxy.inject("", &[]);
+    let hostport = format!("127.0.0.1:{}", gcs.port);
+    let e = inspect("gs://snap/pre/fix", &[("STORAGE_EMULATOR_HOST", &hostport)]);
+    assert!(
+        e.contains(&id) || e.contains("not found") || e.contains("no "),
+        "{e}"
+    );
+    assert!(!e.contains("credentials"), "{e}");
 }

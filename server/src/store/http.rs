@@ -359,6 +359,22 @@ impl Failure {
     }
 }
 
+/// Whether an I/O error of kind `UnexpectedEof` is in `e`'s source chain (hyper's "end of file
+/// before message length reached").
+fn ends_early(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if err
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::UnexpectedEof)
+        {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
 /// `e: cause: cause` (the whole source chain).
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
@@ -709,9 +725,15 @@ impl HttpClient {
                     // Trailers or an empty piece: keep reading.
                 }
                 Ok(Some(Err(e))) => {
+                    // The connection ended before the announced length: a truncated body.
+                    let (label, kind) = if e.is_incomplete_message() || ends_early(&e) {
+                        ("truncated", StoreErrorKind::Truncated)
+                    } else {
+                        ("io", StoreErrorKind::Io)
+                    };
                     return Err(Failure::new(
-                        "io",
-                        StoreErrorKind::Io,
+                        label,
+                        kind,
                         true,
                         format!("body read failed: {}", error_chain(&e)),
                     ));
@@ -980,6 +1002,11 @@ impl HttpClient {
                     }
                 }
             };
+            if done >= len {
+                // Every byte arrived; only the end of the body went wrong (a chunked body whose
+                // last chunk never came): the range is complete.
+                break Ok(done);
+            }
             let failure = if done > 0 && failure.retry {
                 Failure {
                     detail: format!("{} (after {done} bytes delivered)", failure.detail),
@@ -1029,7 +1056,7 @@ impl HttpClient {
     ) -> Result<bool, Failure> {
         let resp = Self::send(client, req, config.first_byte_timeout, deadline, labels).await?;
         let (parts, mut body) = resp.into_parts();
-        let want = end - start;
+        let want = end.saturating_sub(start);
         match parts.status {
             StatusCode::PARTIAL_CONTENT => {
                 check_content_range(&parts.headers, start, end)?;
