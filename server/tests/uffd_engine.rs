@@ -1422,6 +1422,32 @@ fn a_fault_storm_from_32_threads_installs_each_page_once() {
     assert_eq!(r.metrics.copies + r.metrics.zero_installs, pages as u64);
 }
 
+/// Guest memory backed by a memfd (`MAP_SHARED`), as e2b's Firecracker fork has it, registered
+/// (MISSING) on a new userfaultfd of this process.
+struct MemfdGuest {
+    memfd: OwnedFd,
+    mem: Mem,
+    uffd: OwnedFd,
+}
+
+impl MemfdGuest {
+    fn new(size: usize) -> Self {
+        let memfd = rustix::fs::memfd_create("guest", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+        rustix::fs::ftruncate(&memfd, size as u64).unwrap();
+        let mem = Mem::shared_file(memfd.as_raw_fd(), size);
+        let uffd = ioctl::create().unwrap();
+        ioctl::api(uffd.as_fd(), ioctl::FEATURE_EVENT_REMOVE).unwrap();
+        ioctl::register(
+            uffd.as_fd(),
+            mem.addr(),
+            size as u64,
+            ioctl::REGISTER_MODE_MISSING,
+        )
+        .unwrap();
+        Self { memfd, mem, uffd }
+    }
+}
+
 /// Memory export at pause (issue 6): a VM whose guest memory is a memfd (e2b's `use_memfd`)
 /// writes some pages at their first touch and only reads others; the handler's change set
 /// (dirty = written, zero = installed as zeros) is exported as a new memfile layer read from the
@@ -1436,18 +1462,7 @@ fn the_guest_memory_exports_as_a_new_layer_from_the_memfd() {
     let pages = size / PAGE_SIZE as usize;
     let engine = Engine::new(sim_over(Arc::clone(&store), 1), engine_config()).unwrap();
 
-    let memfd = rustix::fs::memfd_create("guest", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
-    rustix::fs::ftruncate(&memfd, size as u64).unwrap();
-    let mem = Mem::shared_file(memfd.as_raw_fd(), size);
-    let uffd = ioctl::create().unwrap();
-    ioctl::api(uffd.as_fd(), ioctl::FEATURE_EVENT_REMOVE).unwrap();
-    ioctl::register(
-        uffd.as_fd(),
-        mem.addr(),
-        size as u64,
-        ioctl::REGISTER_MODE_MISSING,
-    )
-    .unwrap();
+    let MemfdGuest { memfd, mem, uffd } = MemfdGuest::new(size);
     let socket = socket_path(dir.path());
     let _ = fs::remove_file(&socket);
     let listener = UnixListener::bind(&socket).unwrap();
@@ -1567,18 +1582,7 @@ fn thaw_uffd_control_snapshots_the_guest_memory() {
         .spawn()
         .unwrap();
 
-    let memfd = rustix::fs::memfd_create("guest", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
-    rustix::fs::ftruncate(&memfd, size as u64).unwrap();
-    let mem = Mem::shared_file(memfd.as_raw_fd(), size);
-    let uffd = ioctl::create().unwrap();
-    ioctl::api(uffd.as_fd(), ioctl::FEATURE_EVENT_REMOVE).unwrap();
-    ioctl::register(
-        uffd.as_fd(),
-        mem.addr(),
-        size as u64,
-        ioctl::REGISTER_MODE_MISSING,
-    )
-    .unwrap();
+    let MemfdGuest { memfd, mem, uffd } = MemfdGuest::new(size);
     let conn = {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {

@@ -44,13 +44,13 @@ pub enum CtlAction {
     MemorySnapshot(MemorySnapshotArgs),
 }
 
-/// `thaw ctl memory-snapshot` arguments.
+/// What every snapshot request says about the new layer.
 #[derive(Debug, Args)]
-pub struct MemorySnapshotArgs {
+pub struct LayerArgs {
     /// Build id of the new layer.
     #[arg(long, value_name = "UUID")]
     pub new_build: BuildId,
-    /// Destination store URL (default: the store the memory is served from).
+    /// Destination store URL (default: the store the export or memory is served from).
     #[arg(long, value_name = "URL")]
     pub to: Option<String>,
     /// zstd:LEVEL, lz4 or none.
@@ -64,26 +64,37 @@ pub struct MemorySnapshotArgs {
     pub header_version: u16,
 }
 
+impl LayerArgs {
+    /// The request body, with `writes` and `after` for disk exports.
+    fn request(&self, writes: Option<HeldWrites>, after: Option<After>) -> SnapshotRequest {
+        SnapshotRequest {
+            new_build_id: self.new_build,
+            to: self.to.clone(),
+            codec: Some(self.codec.clone()),
+            frame_size: Some(self.frame_size),
+            header_version: Some(self.header_version),
+            writes,
+            after,
+        }
+    }
+}
+
+/// `thaw ctl memory-snapshot` arguments.
+#[derive(Debug, Args)]
+pub struct MemorySnapshotArgs {
+    /// The new layer.
+    #[command(flatten)]
+    pub layer: LayerArgs,
+}
+
 /// `thaw ctl snapshot` arguments.
 #[derive(Debug, Args)]
 pub struct SnapshotArgs {
     /// The export name.
     pub export: String,
-    /// Build id of the new layer.
-    #[arg(long, value_name = "UUID")]
-    pub new_build: BuildId,
-    /// Destination store URL (default: the store the export is served from).
-    #[arg(long, value_name = "URL")]
-    pub to: Option<String>,
-    /// zstd:LEVEL, lz4 or none.
-    #[arg(long, default_value = "zstd:2")]
-    pub codec: String,
-    /// Uncompressed bytes per frame.
-    #[arg(long, default_value = "2MiB", value_parser = parse_size)]
-    pub frame_size: u64,
-    /// Header version (4 or 5).
-    #[arg(long, default_value_t = 4)]
-    pub header_version: u16,
+    /// The new layer.
+    #[command(flatten)]
+    pub layer: LayerArgs,
     /// New writes meanwhile: wait (held until the snapshot is stored) or refuse (ESHUTDOWN).
     #[arg(long, default_value = "wait", value_parser = parse_held)]
     pub writes: HeldWrites,
@@ -114,15 +125,7 @@ pub fn run(args: &CtlArgs) -> anyhow::Result<()> {
         CtlAction::Exports => call(&args.control, "GET", "/v1/exports", None)?,
         CtlAction::Memory => call(&args.control, "GET", "/v1/memory", None)?,
         CtlAction::MemorySnapshot(s) => {
-            let req = SnapshotRequest {
-                new_build_id: s.new_build,
-                to: s.to.clone(),
-                codec: Some(s.codec.clone()),
-                frame_size: Some(s.frame_size),
-                header_version: Some(s.header_version),
-                writes: None,
-                after: None,
-            };
+            let req = s.layer.request(None, None);
             call(
                 &args.control,
                 "POST",
@@ -131,15 +134,7 @@ pub fn run(args: &CtlArgs) -> anyhow::Result<()> {
             )?
         }
         CtlAction::Snapshot(s) => {
-            let req = SnapshotRequest {
-                new_build_id: s.new_build,
-                to: s.to.clone(),
-                codec: Some(s.codec.clone()),
-                frame_size: Some(s.frame_size),
-                header_version: Some(s.header_version),
-                writes: Some(s.writes),
-                after: Some(s.after),
-            };
+            let req = s.layer.request(Some(s.writes), Some(s.after));
             let uri = format!("/v1/exports/{}/snapshot", percent_path(&s.export));
             call(
                 &args.control,
