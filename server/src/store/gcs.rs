@@ -489,35 +489,7 @@ impl Store for GcsStore {
         buf: &mut [u8],
         progress: &mut dyn FnMut(usize),
     ) -> Result<(), StoreError> {
-        let len = u64::try_from(buf.len()).unwrap_or(u64::MAX);
-        let mut filled = 0usize;
-        let mut overflow = false;
-        let got = self.read_stream(key, offset, len, &mut |piece| {
-            let end = filled.saturating_add(piece.len());
-            match buf.get_mut(filled..end) {
-                Some(dst) => {
-                    dst.copy_from_slice(piece);
-                    filled = end;
-                    progress(filled);
-                    ControlFlow::Continue(())
-                }
-                None => {
-                    overflow = true;
-                    ControlFlow::Break(())
-                }
-            }
-        })?;
-        if overflow || got != len {
-            return Err(self.err(
-                StoreErrorKind::Truncated,
-                key,
-                format!("read of {len} bytes at {offset} delivered {got}"),
-            ));
-        }
-        if len == 0 {
-            progress(0);
-        }
-        Ok(())
+        super::read_range_from_stream(self, key, offset, buf, progress)
     }
 
     fn read_stream(

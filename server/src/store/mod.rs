@@ -309,6 +309,45 @@ pub trait Store: Send + Sync + fmt::Debug {
     fn exists(&self, key: &str) -> Result<bool, StoreError>;
 }
 
+/// [`Store::read_range_progress`] for stores whose native read is [`Store::read_stream`] (the
+/// HTTP stores): the pieces are copied into `buf` front to back and reported as they land; a
+/// stream that delivers fewer bytes than `buf` holds, or more, is
+/// [`StoreErrorKind::Truncated`], never data.
+pub(crate) fn read_range_from_stream(
+    store: &(impl Store + ?Sized),
+    key: &str,
+    offset: u64,
+    buf: &mut [u8],
+    progress: &mut dyn FnMut(usize),
+) -> Result<(), StoreError> {
+    let want = buf.len();
+    let len = u64::try_from(want).unwrap_or(u64::MAX);
+    let mut at = 0usize;
+    let mut overflow = false;
+    let got = store.read_stream(key, offset, len, &mut |piece| {
+        let Some(dst) = buf.get_mut(at..at.saturating_add(piece.len())) else {
+            overflow = true;
+            return ControlFlow::Break(());
+        };
+        dst.copy_from_slice(piece);
+        at += piece.len();
+        progress(at);
+        ControlFlow::Continue(())
+    })?;
+    if overflow || got != len {
+        return Err(StoreError::new(
+            StoreErrorKind::Truncated,
+            store.url(),
+            key,
+            format!("read of [{offset}, +{want}) delivered {got} bytes"),
+        ));
+    }
+    if want == 0 {
+        progress(0);
+    }
+    Ok(())
+}
+
 /// Opens the store named by `url`.
 ///
 /// - `file:///abs/dir`: the local directory store rooted at `/abs/dir`;

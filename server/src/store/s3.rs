@@ -844,31 +844,7 @@ impl Store for S3Store {
         buf: &mut [u8],
         progress: &mut dyn FnMut(usize),
     ) -> Result<(), StoreError> {
-        let want = buf.len();
-        let mut at = 0usize;
-        let mut overflow = false;
-        let len = u64::try_from(want).unwrap_or(u64::MAX);
-        let got = self.read_stream(key, offset, len, &mut |piece| {
-            let Some(dst) = buf.get_mut(at..at.saturating_add(piece.len())) else {
-                overflow = true;
-                return ControlFlow::Break(());
-            };
-            dst.copy_from_slice(piece);
-            at += piece.len();
-            progress(at);
-            ControlFlow::Continue(())
-        })?;
-        if overflow || got != len {
-            return Err(self.err(
-                StoreErrorKind::Truncated,
-                key,
-                format!("read of [{offset}, +{want}) delivered {got} bytes"),
-            ));
-        }
-        if want == 0 {
-            progress(0);
-        }
-        Ok(())
+        super::read_range_from_stream(self, key, offset, buf, progress)
     }
 
     fn read_stream(
