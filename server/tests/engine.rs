@@ -700,9 +700,12 @@ fn sequential_misses_read_ahead_and_random_ones_do_not() {
         frames,
         "each frame fetched once: {stats:?}"
     );
+    // Read-ahead started fetches the reader would otherwise have started itself. (Whether the
+    // reader then finds those frames complete (fewer misses) or still in flight (it joins the
+    // read-ahead session) depends on the machine's load: count the sessions the reader started.)
     assert!(
-        stats.misses < frames,
-        "read-ahead hid some misses: {stats:?}"
+        stats.misses - stats.joined < frames,
+        "read-ahead started none of the reader's fetches: {stats:?}"
     );
 
     // Random single-block reads on a fresh engine: nothing read ahead.
