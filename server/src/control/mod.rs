@@ -17,7 +17,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use bytes_body::{Body, full};
@@ -28,10 +28,16 @@ use serde::{Deserialize, Serialize};
 use thaw_codec::BuildId;
 use tokio::sync::oneshot;
 
-use crate::export::{Exported, export_overlay};
+use crate::export::Exported;
 use crate::nbd::{Export, HeldWrites};
-use crate::store::{Store, open_store};
+use crate::store::Store;
 use crate::writer::WriteOptions;
+
+mod exports;
+mod memory;
+
+pub use exports::{After, ExportInfo};
+pub use memory::MemoryInfo;
 
 /// Largest request body accepted.
 const MAX_BODY: usize = 64 * 1024;
@@ -45,64 +51,6 @@ pub struct ControlContext {
     pub store: Arc<dyn Store>,
     /// The VM memory served by `thaw uffd`, if this is that process.
     pub memory: Option<Arc<crate::uffd::UffdServer>>,
-}
-
-/// `GET /v1/memory`: the UFFD handler of `thaw uffd`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MemoryInfo {
-    /// The served build.
-    pub build: BuildId,
-    /// Memfile size in bytes.
-    pub size: u64,
-    /// Guest page size.
-    pub page_size: u64,
-    /// Firecracker's pid.
-    pub peer_pid: i32,
-    /// Whether the memory is registered for write-protect tracking (dirty pages exact).
-    pub write_protect: Option<bool>,
-    /// Whether Firecracker sent its memfd (required for a snapshot).
-    pub memfd: bool,
-    /// `serving` or `finished` (the VM went away).
-    pub state: String,
-    /// Pages written by the guest.
-    pub dirty_pages: u64,
-    /// Pages that read as zeros (installed as zeros or removed) and were not written since.
-    pub zero_pages: u64,
-}
-
-/// One export as `GET /v1/exports` lists it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ExportInfo {
-    /// Export name.
-    pub name: String,
-    /// The served build.
-    pub build: BuildId,
-    /// `rootfs.ext4` or `memfile`.
-    pub file: String,
-    /// Size in bytes.
-    pub size: u64,
-    /// Whether writes are refused (no overlay).
-    pub read_only: bool,
-    /// `serving`, `snapshotting` (an export holds its writes) or `closed` (writes refused after
-    /// a snapshot).
-    pub state: String,
-    /// Blocks the overlay holds data for.
-    pub dirty_blocks: u64,
-    /// Blocks zeroed in the overlay.
-    pub zero_blocks: u64,
-    /// Overlay block size.
-    pub block_size: u64,
-}
-
-/// What to do with the export's writes once the snapshot is stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum After {
-    /// Open the writes again (the guest goes on).
-    #[default]
-    Resume,
-    /// Refuse every write from now on (the sandbox is paused for good).
-    Close,
 }
 
 /// `POST /v1/exports/{name}/snapshot`.
@@ -273,7 +221,7 @@ async fn serve(
 }
 
 /// An error answer: status and message (sent as `{"error": message}`).
-struct ApiError(StatusCode, String);
+pub(crate) struct ApiError(StatusCode, String);
 
 fn json<T: Serialize>(status: StatusCode, body: &T) -> Response<Body> {
     match serde_json::to_vec_pretty(body) {
@@ -310,41 +258,33 @@ fn error_response(e: &ApiError) -> Response<Body> {
 async fn route(ctx: &Arc<ControlContext>, req: Request<Incoming>) -> Response<Body> {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
-    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
-    let result = match (&method, segments.as_slice()) {
-        (&Method::GET, ["v1", "exports"]) => Ok(json(StatusCode::OK, &list(ctx))),
-        (&Method::GET, ["v1", "memory"]) => memory_info(ctx).map(|m| json(StatusCode::OK, &m)),
-        (&Method::POST, ["v1", "memory", "snapshot"]) => {
-            match read_json::<SnapshotRequest>(req).await {
-                Ok(body) => memory_snapshot(ctx, body)
-                    .await
-                    .map(|r| json(StatusCode::OK, &r)),
-                Err(e) => Err(e),
-            }
-        }
-        (&Method::POST, ["v1", "exports", name, "snapshot"]) => {
-            let name = percent_decode(name);
-            match read_json::<SnapshotRequest>(req).await {
-                Ok(body) => snapshot(ctx, &name, body)
-                    .await
-                    .map(|r| json(StatusCode::OK, &r)),
-                Err(e) => Err(e),
-            }
-        }
-        (_, ["v1", "exports" | "memory"])
-        | (_, ["v1", "exports", _, "snapshot"])
-        | (_, ["v1", "memory", "snapshot"]) => Err(ApiError(
-            StatusCode::METHOD_NOT_ALLOWED,
-            format!("{method} is not allowed on {path}"),
-        )),
-        _ => Err(ApiError(
-            StatusCode::NOT_FOUND,
-            format!("no such resource: {path}"),
-        )),
+    let segments: Vec<String> = path
+        .trim_matches('/')
+        .split('/')
+        .map(percent_decode)
+        .collect();
+    let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
+    let result = match segments.as_slice() {
+        ["v1", "exports", rest @ ..] => exports::route(ctx, req, rest).await,
+        ["v1", "memory", rest @ ..] => memory::route(ctx, req, rest).await,
+        _ => Err(not_found(&path)),
     };
     let response = result.unwrap_or_else(|e| error_response(&e));
     tracing::info!(%method, %path, status = response.status().as_u16(), "control: request");
     response
+}
+
+/// 404 for a path no route knows.
+fn not_found(path: &str) -> ApiError {
+    ApiError(StatusCode::NOT_FOUND, format!("no such resource: {path}"))
+}
+
+/// 405 for a known path and a method it does not take.
+fn not_allowed(method: &Method, path: &str) -> ApiError {
+    ApiError(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{method} is not allowed on {path}"),
+    )
 }
 
 /// Decodes `%XX` escapes of a path segment (invalid escapes are kept as they are).
@@ -379,44 +319,6 @@ async fn read_json<T: for<'de> Deserialize<'de>>(req: Request<Incoming>) -> Resu
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}")))
 }
 
-fn export_state(e: &Export) -> &'static str {
-    if e.gate.is_closed() {
-        "closed"
-    } else if e.gate.is_held() {
-        "snapshotting"
-    } else {
-        "serving"
-    }
-}
-
-fn list(ctx: &ControlContext) -> Vec<ExportInfo> {
-    ctx.exports
-        .iter()
-        .map(|e| {
-            let (dirty, zero, bs) = e.overlay.as_ref().map_or((0, 0, 0), |ov| {
-                let count =
-                    |runs: Vec<std::ops::Range<u64>>| runs.iter().map(|r| r.end - r.start).sum();
-                (
-                    count(ov.dirty_blocks()),
-                    count(ov.zero_blocks()),
-                    ov.block_size(),
-                )
-            });
-            ExportInfo {
-                name: e.config.name.clone(),
-                build: e.file.header().metadata.build_id,
-                file: e.file.file().name().to_string(),
-                size: e.file.size(),
-                read_only: e.overlay.is_none(),
-                state: export_state(e).to_string(),
-                dirty_blocks: dirty,
-                zero_blocks: zero,
-                block_size: bs,
-            }
-        })
-        .collect()
-}
-
 fn write_options(req: &SnapshotRequest) -> Result<WriteOptions, ApiError> {
     let bad = |m: String| ApiError(StatusCode::BAD_REQUEST, m);
     let codec = crate::cli::parse_codec(req.codec.as_deref().unwrap_or("zstd:2"))
@@ -435,171 +337,6 @@ fn write_options(req: &SnapshotRequest) -> Result<WriteOptions, ApiError> {
         workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
         progress: false,
     })
-}
-
-async fn snapshot(
-    ctx: &Arc<ControlContext>,
-    name: &str,
-    req: SnapshotRequest,
-) -> Result<SnapshotReply, ApiError> {
-    let export = ctx
-        .exports
-        .iter()
-        .find(|e| e.config.name == name)
-        .cloned()
-        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no export named {name:?}")))?;
-    if export.overlay.is_none() {
-        return Err(ApiError(
-            StatusCode::CONFLICT,
-            format!("export {name:?} is read-only: it has no changes to snapshot"),
-        ));
-    }
-    let opts = write_options(&req)?;
-    let store: Arc<dyn Store> = match &req.to {
-        Some(url) => {
-            open_store(url).map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("to: {e}")))?
-        }
-        None => Arc::clone(&ctx.store),
-    };
-    let held = req.writes.unwrap_or(HeldWrites::Wait);
-    let hold = export.gate.hold(held).await;
-    let started = Instant::now();
-    let parent = export.file.header().clone();
-    let file = export.file.file();
-    let new_build = req.new_build_id;
-    let job_export = Arc::clone(&export);
-    let job_store = Arc::clone(&store);
-    let result = tokio::task::spawn_blocking(move || {
-        let Some(ov) = job_export.overlay.as_ref() else {
-            bail!("the export has no overlay");
-        };
-        export_overlay(job_store.as_ref(), file, &parent, new_build, ov, &opts)
-    })
-    .await;
-    let held_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-    let exported = match result {
-        Ok(Ok(e)) => e,
-        Ok(Err(e)) => {
-            drop(hold);
-            tracing::warn!(export = name, build = %new_build, error = %format!("{e:#}"), "control: snapshot failed");
-            return Err(ApiError(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("{e:#}"),
-            ));
-        }
-        Err(e) => {
-            drop(hold);
-            return Err(ApiError(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("the export task failed: {e}"),
-            ));
-        }
-    };
-    match req.after.unwrap_or_default() {
-        After::Resume => drop(hold),
-        After::Close => hold.close(),
-    }
-    let reply = reply_of(
-        &exported,
-        new_build,
-        export.file.header().metadata.build_id,
-        file,
-        &store,
-        held_ms,
-    );
-    tracing::info!(export = name, build = %new_build, already = reply.already_stored, diff_bytes = reply.diff_bytes, stored_bytes = reply.stored_bytes, held_ms, "control: snapshot stored");
-    Ok(reply)
-}
-
-fn memory_server(ctx: &ControlContext) -> Result<&Arc<crate::uffd::UffdServer>, ApiError> {
-    ctx.memory.as_ref().ok_or_else(|| {
-        ApiError(
-            StatusCode::NOT_FOUND,
-            "this process serves no VM memory (the memory API is on `thaw uffd --control`)".into(),
-        )
-    })
-}
-
-fn memory_info(ctx: &ControlContext) -> Result<MemoryInfo, ApiError> {
-    let m = memory_server(ctx)?;
-    let changes = m.memory_changes();
-    let count = |runs: &[std::ops::Range<u64>]| runs.iter().map(|r| r.end - r.start).sum();
-    let file = m.source().file();
-    Ok(MemoryInfo {
-        build: file.header().metadata.build_id,
-        size: file.size(),
-        page_size: m.handler().page_size(),
-        peer_pid: m.peer().pid,
-        write_protect: m.handler().write_protect_tracking(),
-        memfd: m.memfd().is_some(),
-        state: if m.is_finished() {
-            "finished"
-        } else {
-            "serving"
-        }
-        .to_string(),
-        dirty_pages: count(&changes.dirty),
-        zero_pages: count(&changes.zero),
-    })
-}
-
-async fn memory_snapshot(
-    ctx: &Arc<ControlContext>,
-    req: SnapshotRequest,
-) -> Result<SnapshotReply, ApiError> {
-    let m = Arc::clone(memory_server(ctx)?);
-    if req.writes.is_some() || req.after.is_some() {
-        return Err(ApiError(
-            StatusCode::BAD_REQUEST,
-            "writes and after apply to disk exports; pause the VM before a memory snapshot".into(),
-        ));
-    }
-    if m.memfd().is_none() {
-        return Err(ApiError(
-            StatusCode::CONFLICT,
-            "Firecracker sent no memfd (use_memfd): the guest memory cannot be read".into(),
-        ));
-    }
-    let opts = write_options(&req)?;
-    let store: Arc<dyn Store> = match &req.to {
-        Some(url) => {
-            open_store(url).map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("to: {e}")))?
-        }
-        None => Arc::clone(&ctx.store),
-    };
-    let new_build = req.new_build_id;
-    let started = Instant::now();
-    let job_store = Arc::clone(&store);
-    let job = Arc::clone(&m);
-    let result = tokio::task::spawn_blocking(move || {
-        job.export_memory(job_store.as_ref(), new_build, &opts)
-    })
-    .await;
-    let held_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-    let exported = match result {
-        Ok(Ok(e)) => e,
-        Ok(Err(e)) => {
-            tracing::warn!(build = %new_build, error = %format!("{e:#}"), "control: memory snapshot failed");
-            return Err(ApiError(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("{e:#}"),
-            ));
-        }
-        Err(e) => {
-            return Err(ApiError(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("the export task failed: {e}"),
-            ));
-        }
-    };
-    Ok(reply_of(
-        &exported,
-        new_build,
-        m.source().file().header().metadata.build_id,
-        thaw_codec::FileKind::Memfile,
-        &store,
-        held_ms,
-    ))
 }
 
 /// The reply describing `exported`.
