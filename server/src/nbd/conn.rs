@@ -431,7 +431,7 @@ async fn request_loop(
         if req.command == Command::Write {
             metrics::counter!("thaw_nbd_write_bytes_total").increment(u64::from(req.length));
         }
-        let started = std::time::Instant::now();
+        let started = crate::metrics::start_timer();
         if req.command == Command::Read
             && let Some(reply) = conn.read_hit(&req)
         {
@@ -439,8 +439,10 @@ async fn request_loop(
             conn.shared.counters.bump_read_bytes(u64::from(req.length));
             metrics::counter!("thaw_nbd_read_bytes_total").increment(u64::from(req.length));
             conn.queue_reply(reply);
-            metrics::histogram!(crate::metrics::REQUEST_DURATION, "cmd" => cmd)
-                .record(started.elapsed().as_secs_f64());
+            if let Some(t) = started {
+                metrics::histogram!(crate::metrics::REQUEST_DURATION, "cmd" => cmd)
+                    .record(t.elapsed().as_secs_f64());
+            }
             conn.hold(permit);
             inline_hits += 1;
             if inline_hits >= INLINE_HITS_PER_YIELD {
@@ -452,8 +454,10 @@ async fn request_loop(
         let c = Rc::clone(conn);
         tokio_uring::spawn(async move {
             handle(&c, req, payload).await;
-            metrics::histogram!(crate::metrics::REQUEST_DURATION, "cmd" => cmd)
-                .record(started.elapsed().as_secs_f64());
+            if let Some(t) = started {
+                metrics::histogram!(crate::metrics::REQUEST_DURATION, "cmd" => cmd)
+                    .record(t.elapsed().as_secs_f64());
+            }
             c.hold(permit);
         });
     }
