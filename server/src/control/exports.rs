@@ -32,6 +32,9 @@ use crate::store::{Store, open_store};
 /// of the file's block size when larger).
 pub const PREFETCH_UNIT: u64 = 2 << 20;
 
+/// Longest export name (the NBD protocol's limit).
+pub const MAX_NAME_LEN: usize = 4096;
+
 /// Most ranges in one prefetch request.
 pub const MAX_PREFETCH_RANGES: usize = 4096;
 
