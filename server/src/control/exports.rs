@@ -386,6 +386,12 @@ async fn add(sx: &ServeExports, req: AddRequest) -> Result<ExportInfo, ApiError>
             "name: an export added over the API needs a non-empty name".into(),
         ));
     }
+    if req.name.len() > MAX_NAME_LEN {
+        return Err(bad(format!(
+            "name: {} bytes, an NBD export name has at most {MAX_NAME_LEN}",
+            req.name.len()
+        )));
+    }
     if let Some(a) = &req.attach {
         return Err(ApiError(
             StatusCode::NOT_IMPLEMENTED,
