@@ -190,7 +190,8 @@ pub struct ServeArgs {
     pub max_inflight: u64,
 
     /// Serve the control API (HTTP/1.1 + JSON, docs/control-api.yaml) on this unix socket:
-    /// list the exports, snapshot a writable export's changes into a new layer (`thaw ctl`).
+    /// list, add, remove and prefetch exports, snapshot a writable export's changes into a new
+    /// layer (`thaw ctl`). With it the server may start with no export.
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
 }
