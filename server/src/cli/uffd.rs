@@ -93,7 +93,7 @@ pub fn run(args: &UffdArgs) -> anyhow::Result<()> {
             let c = crate::control::ControlServer::start(
                 path,
                 Arc::new(crate::control::ControlContext {
-                    exports: Vec::new(),
+                    exports: None,
                     store: Arc::clone(engine.store()),
                     memory: Some(Arc::clone(&server)),
                 }),
