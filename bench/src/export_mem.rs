@@ -13,7 +13,8 @@
 //!
 //! The floor: the same dirty pages, packed in `dirty.bin` on tmpfs (page cache), through the
 //! command-line tool of the codec (`zstd -L -T2`, `lz4 -1`, `cp` for none) and through the
-//! issue's literal `zstd -1 -T2` for every codec; for a `gs://…?endpoint=` destination also the
+//! issue's literal `zstd -1 -T2` for every codec; for `none` also `cp` followed by
+//! `openssl dgst -sha256` (the copy and the checksum a layer needs); for a `gs://…?endpoint=` destination also the
 //! floor tool's output uploaded with `curl` (one media upload).
 
 use std::collections::BTreeMap;
@@ -111,7 +112,7 @@ pub fn run(args: &ExportMemArgs) -> anyhow::Result<()> {
         .iter()
         .map(|c| parse_codec(c).map_err(|e| anyhow::anyhow!("codec {c}: {e}")))
         .collect::<anyhow::Result<Vec<CodecArg>>>()?;
-    for tool in ["zstd", "lz4", "cp"] {
+    for tool in ["zstd", "lz4", "cp", "openssl"] {
         ensure!(
             Command::new(tool).arg("--version").output().is_ok(),
             "missing tool: {tool}"
@@ -198,6 +199,14 @@ pub fn run(args: &ExportMemArgs) -> anyhow::Result<()> {
         let argv: Vec<&str> = floor_cmd.iter().map(String::as_str).collect();
         let is_zstd = codec.codec == CompressionType::Zstd;
         let fl = floor(&argv, &dirty_bin, args, is_zstd)?;
+        // For none also the work a plain layer needs at least: the copy and the SHA-256 of the
+        // header's self entry, one after the other (openssl uses the CPU's SHA instructions).
+        let sha_floor = if codec.codec == CompressionType::None {
+            let script = r#"cp "$1" "$2" && openssl dgst -sha256 "$1" >/dev/null"#;
+            Some(floor(&["bash", "-c", script, "_"], &dirty_bin, args, false)?)
+        } else {
+            None
+        };
         let floor_out = args.workdir.join("floor.out");
         for (url, store) in &stores {
             let opts = WriteOptions {
@@ -262,6 +271,13 @@ pub fn run(args: &ExportMemArgs) -> anyhow::Result<()> {
                 up_s,
                 up_r
             );
+            if let Some(sf) = &sha_floor {
+                println!(
+                    "        {label:<5} against cp + openssl dgst -sha256 ({:.3} s): {:.2}",
+                    sf.median,
+                    t.median / sf.median
+                );
+            }
         }
         let _ = std::fs::remove_file(&floor_out);
     }
