@@ -12,11 +12,15 @@
 # median, min and max are reported), CODECS (default "zstd:1 zstd:2 lz4 none"), WORKDIR (default
 # /dev/shm/thaw-export-bench.PID, removed unless KEEP=1), GCS (1: also export into a
 # fake-gcs-server started here, the default when ci/install.sh installed it; 0: file:// only),
-# MEM (1, the default: also the memory benchmark), MEM_SIZE (512MiB), MEM_DIRTY (0.2),
+# DEST (one more destination store URL for the disk part, e.g. s3://…), MEM (1, the default:
+# also the memory benchmark), MEM_SIZE (512MiB), MEM_DIRTY (0.2),
 # THAW / THAW_BENCH (default target/release/...).
 # Columns: thaw_s (median) and its min-max; floor_s, the codec's own command-line tool on the
 # dirty bytes in the page cache; zstd1_s, the issue's literal floor (`zstd -1 -T2`) for every
-# codec; for gcs also upload_s, the floor tool plus one `curl` upload of its output.
+# codec; for gcs also upload_s, the floor tool plus one `curl` upload of its output; thaw_cpu and
+# flr_cpu, CPU seconds (user + system) of the export (the serving process, or thaw-bench) and of the
+# codec floor tool: less moved by the machine's other load than wall time. Floors and exports take
+# turns rep by rep.
 # For none also the floor cp + `openssl dgst -sha256` (the copy and the checksum a layer needs).
 # Needs python3-libnbd, zstd, lz4, jq, curl, openssl. Unix sockets and loopback only.
 set -euo pipefail
@@ -84,6 +88,7 @@ cat "$W/dirty.bin" >/dev/null  # the overlay is in the page cache too
 
 dests=("file://$W/out")
 [ -n "$GCS_STORE" ] && dests+=("$GCS_STORE")
+[ -n "${DEST:-}" ] && dests+=("$DEST")
 # The parent build must be in every destination store (the child header's ancestor entries).
 if [ -n "$GCS_STORE" ]; then
     for f in "$W"/store/"$BUILD"/*; do
@@ -92,49 +97,71 @@ if [ -n "$GCS_STORE" ]; then
             "$EP/upload/storage/v1/b/bench/o?uploadType=media&name=builds/$BUILD/$(basename "$f")"
     done
 fi
-zstd1=(); for _ in $(seq "$REPS"); do zstd1+=("$(timeit zstd -1 -T2 -q -f "$W/dirty.bin" -o "$W/floor.out")"); done
-ZSTD1=$(printf '%s\n' "${zstd1[@]}" | median)
-echo "disk: $SIZE, $DIRTY_BYTES dirty bytes, $REPS runs per point"
-printf '%-7s %-5s %9s %15s %9s %-12s %6s %9s %6s %9s %6s\n' codec dest thaw_s thaw_range floor_s floor_tool ratio zstd1_s ratio upload_s ratio
+# CPU seconds (user + system, all threads) of the thaw serve process so far.
+serve_cpu() { awk '{ printf "%.2f\n", ($14 + $15) / 100 }' "/proc/$PID/stat"; }
+# Runs a floor command: prints "wall cpu" (cpu: user + system of the command, from GNU time).
+tool_run() {
+    local t0 t1
+    rm -f "$W/floor.out"
+    t0=$(now); /usr/bin/time -f '%U %S' -o "$W/time.out" "$@"; t1=$(now)
+    echo "$(echo "$t1 - $t0" | bc -l) $(awk '{ print $1 + $2 }' "$W/time.out")"
+}
+echo "disk: $SIZE, $DIRTY_BYTES dirty bytes, $REPS runs per point (floors and exports take turns)"
+printf '%-7s %-5s %9s %15s %9s %-12s %6s %9s %6s %9s %6s %8s %7s %6s\n' codec dest thaw_s thaw_range floor_s floor_tool ratio zstd1_s ratio upload_s ratio thaw_cpu flr_cpu ratio
 for codec in $CODECS; do
     case $codec in
         zstd:*) lvl=${codec#zstd:}; floor_cmd=(zstd "-$lvl" -T2 -q -f "$W/dirty.bin" -o "$W/floor.out"); tool="zstd -$lvl -T2" ;;
         lz4) floor_cmd=(lz4 -1 -q -f "$W/dirty.bin" "$W/floor.out"); tool="lz4 -1" ;;
         none) floor_cmd=(cp "$W/dirty.bin" "$W/floor.out"); tool="cp" ;;
     esac
-    floors=(); for _ in $(seq "$REPS"); do rm -f "$W/floor.out"; floors+=("$(timeit "${floor_cmd[@]}")"); done
-    floor=$(printf '%s\n' "${floors[@]}" | median)
-    shafloor=
-    if [ "$codec" = none ]; then
-        # The work a plain layer needs at least: copy the bytes and hash them (SHA-256, for the
-        # header's self entry), one after the other; openssl uses the CPU's SHA instructions.
-        shas=(); for _ in $(seq "$REPS"); do rm -f "$W/floor.out"
-            shas+=("$(timeit bash -c 'cp "$1" "$2" && openssl dgst -sha256 "$1" >/dev/null' _ "$W/dirty.bin" "$W/floor.out")"); done
-        shafloor=$(printf '%s\n' "${shas[@]}" | median)
-    fi
-    for dest in "${dests[@]}"; do
-        times=()
-        for _ in $(seq "$REPS"); do
+    floors=(); flcpu=(); zstd1=(); shas=()
+    declare -A times=() cpus=() ups=()
+    for _ in $(seq "$REPS"); do
+        # The floors and the exports take turns, rep by rep, so that both see the same load.
+        read -r w _ < <(tool_run zstd -1 -T2 -q -f "$W/dirty.bin" -o "$W/floor.out"); zstd1+=("$w")
+        if [ "$codec" = none ]; then
+            # The work a plain layer needs at least: copy the bytes and hash them (SHA-256, for
+            # the header's self entry), one after the other; openssl uses the CPU's SHA-NI.
+            read -r w _ < <(tool_run bash -c 'cp "$1" "$2" && openssl dgst -sha256 "$1" >/dev/null' _ "$W/dirty.bin" "$W/floor.out")
+            shas+=("$w")
+        fi
+        # Last, so that floor.out holds the codec floor's output for the upload floor.
+        read -r w c < <(tool_run "${floor_cmd[@]}"); floors+=("$w"); flcpu+=("$c")
+        for i in "${!dests[@]}"; do
+            dest=${dests[$i]}
             id=$(cat /proc/sys/kernel/random/uuid)
-            t0=$(now)
+            c0=$(serve_cpu); t0=$(now)
             "$THAW" ctl --control "$W/control.sock" snapshot disk --new-build "$id" --codec "$codec" --to "$dest" >"$W/reply.json"
-            t1=$(now)
+            t1=$(now); c1=$(serve_cpu)
             [ "$(jq -r .diff_bytes "$W/reply.json")" = "$DIRTY_BYTES" ] || { echo "diff size mismatch" >&2; cat "$W/reply.json" >&2; exit 1; }
-            times+=("$(echo "$t1 - $t0" | bc -l)")
+            times[$i]+="$(echo "$t1 - $t0" | bc -l) "
+            cpus[$i]+="$(echo "$c1 - $c0" | bc -l) "
+            [ "${dest%%:*}" = gs ] && ups[$i]+="$(timeit upload "$W/floor.out") "
         done
-        t=$(printf '%s\n' "${times[@]}" | median)
-        r=$(printf '%s\n' "${times[@]}" | range)
+    done
+    floor=$(printf '%s\n' "${floors[@]}" | median)
+    fcpu=$(printf '%s\n' "${flcpu[@]}" | median)
+    z1=$(printf '%s\n' "${zstd1[@]}" | median)
+    for i in "${!dests[@]}"; do
+        dest=${dests[$i]}
+        t=$(printf '%s\n' ${times[$i]} | median)
+        r=$(printf '%s\n' ${times[$i]} | range)
+        c=$(printf '%s\n' ${cpus[$i]} | median)
         label=${dest%%:*}
         up_s=-; up_r=-
-        if [ "$label" = gs ]; then
-            ups=(); for _ in $(seq "$REPS"); do ups+=("$(timeit upload "$W/floor.out")"); done
-            up_s=$(printf '%.3f' "$(echo "$(printf '%s\n' "${ups[@]}" | median) + $floor" | bc -l)")
+        if [ -n "${ups[$i]:-}" ]; then
+            up_s=$(printf '%.3f' "$(echo "$(printf '%s\n' ${ups[$i]} | median) + $floor" | bc -l)")
             up_r=$(printf '%.2f' "$(echo "$t / $up_s" | bc -l)")
         fi
-        printf '%-7s %-5s %9.3f %15s %9.3f %-12s %6.2f %9.3f %6.2f %9s %6s\n' "$codec" "$label" "$t" "$r" "$floor" "$tool" \
-            "$(echo "$t / $floor" | bc -l)" "$ZSTD1" "$(echo "$t / $ZSTD1" | bc -l)" "$up_s" "$up_r"
-        [ -n "$shafloor" ] && printf '        %-5s against cp + openssl dgst -sha256 (%.3f s): %.2f\n' "$label" "$shafloor" "$(echo "$t / $shafloor" | bc -l)"
+        printf '%-7s %-5s %9.3f %15s %9.3f %-12s %6.2f %9.3f %6.2f %9s %6s %8.2f %7.2f %6.2f\n' "$codec" "$label" "$t" "$r" "$floor" "$tool" \
+            "$(echo "$t / $floor" | bc -l)" "$z1" "$(echo "$t / $z1" | bc -l)" "$up_s" "$up_r" \
+            "$c" "$fcpu" "$(if [ "$(echo "$fcpu > 0" | bc -l)" = 1 ]; then echo "$c / $fcpu" | bc -l; else echo 0; fi)"
+        if [ "${#shas[@]}" -gt 0 ]; then
+            sf=$(printf '%s\n' "${shas[@]}" | median)
+            printf '        %-5s against cp + openssl dgst -sha256 (%.3f s): %.2f\n' "$label" "$sf" "$(echo "$t / $sf" | bc -l)"
+        fi
     done
+    unset times cpus ups
     rm -f "$W/floor.out"
 done
 echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"

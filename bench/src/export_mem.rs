@@ -164,7 +164,7 @@ pub fn run(args: &ExportMemArgs) -> anyhow::Result<()> {
     let source = Memfd(memfd);
 
     println!(
-        "{:<7} {:<5} {:>9} {:>15} {:>9} {:<12} {:>6} {:>9} {:>6} {:>9} {:>6}",
+        "{:<7} {:<5} {:>9} {:>15} {:>9} {:<12} {:>6} {:>9} {:>6} {:>9} {:>6} {:>7} {:>7} {:>6}",
         "codec",
         "dest",
         "thaw_s",
@@ -175,9 +175,15 @@ pub fn run(args: &ExportMemArgs) -> anyhow::Result<()> {
         "zstd1_s",
         "ratio",
         "upload_s",
+        "ratio",
+        "thaw_cpu",
+        "flr_cpu",
         "ratio"
     );
-    let zstd1 = floor(&["zstd", "-1", "-T2", "-q", "-f"], &dirty_bin, args, true)?;
+    let zstd1_argv = ["zstd", "-1", "-T2", "-q", "-f"];
+    let sha_script = r#"cp "$1" "$2" && openssl dgst -sha256 "$1" >/dev/null"#;
+    let sha_argv = ["bash", "-c", sha_script, "_"];
+    let floor_out = args.workdir.join("floor.out");
     for codec in &codecs {
         let (tool, floor_cmd): (String, Vec<String>) = match codec.codec {
             CompressionType::Zstd => (
@@ -198,28 +204,33 @@ pub fn run(args: &ExportMemArgs) -> anyhow::Result<()> {
         };
         let argv: Vec<&str> = floor_cmd.iter().map(String::as_str).collect();
         let is_zstd = codec.codec == CompressionType::Zstd;
-        let fl = floor(&argv, &dirty_bin, args, is_zstd)?;
-        // For none also the work a plain layer needs at least: the copy and the SHA-256 of the
-        // header's self entry, one after the other (openssl uses the CPU's SHA instructions).
-        let sha_floor = if codec.codec == CompressionType::None {
-            let script = r#"cp "$1" "$2" && openssl dgst -sha256 "$1" >/dev/null"#;
-            Some(floor(&["bash", "-c", script, "_"], &dirty_bin, args, false)?)
-        } else {
-            None
+        let none = codec.codec == CompressionType::None;
+        let opts = WriteOptions {
+            codec: codec.codec,
+            level: codec.level,
+            frame_size: thaw_codec::DEFAULT_FRAME_SIZE,
+            header_version: 4,
+            workers,
+            progress: false,
         };
-        let floor_out = args.workdir.join("floor.out");
-        for (url, store) in &stores {
-            let opts = WriteOptions {
-                codec: codec.codec,
-                level: codec.level,
-                frame_size: thaw_codec::DEFAULT_FRAME_SIZE,
-                header_version: 4,
-                workers,
-                progress: false,
-            };
-            let mut times = Vec::new();
-            for _ in 0..args.reps {
+        // The floors and the exports take turns, rep by rep, so that both see the same load.
+        let (mut zstd1, mut fl, mut fl_cpu, mut sha) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut thaw = vec![(Vec::new(), Vec::new(), Vec::new()); stores.len()];
+        for _ in 0..args.reps {
+            zstd1.push(time_tool(&zstd1_argv, &dirty_bin, &floor_out, true)?.0);
+            if none {
+                // The work a plain layer needs at least: the copy and the SHA-256 of the
+                // header's self entry, one after the other (openssl uses SHA-NI).
+                sha.push(time_tool(&sha_argv, &dirty_bin, &floor_out, false)?.0);
+            }
+            // Last, so that floor.out holds the codec floor's output for the upload floor.
+            let (t, cpu) = time_tool(&argv, &dirty_bin, &floor_out, is_zstd)?;
+            fl.push(t);
+            fl_cpu.push(cpu);
+            for ((url, store), (times, cpus, ups)) in stores.iter().zip(thaw.iter_mut()) {
                 let id = BuildId::new_v4();
+                let cpu0 = cpu_seconds(false)?;
                 let t0 = Instant::now();
                 let exported = export_layer(
                     store.as_ref(),
@@ -231,6 +242,7 @@ pub fn run(args: &ExportMemArgs) -> anyhow::Result<()> {
                     &opts,
                 )?;
                 times.push(t0.elapsed().as_secs_f64());
+                cpus.push(cpu_seconds(false)? - cpu0);
                 let Exported::Stored(s) = exported else {
                     bail!("build {id} was already stored");
                 };
@@ -239,26 +251,25 @@ pub fn run(args: &ExportMemArgs) -> anyhow::Result<()> {
                     "exported {} bytes, not {diff_len}",
                     s.uncompressed_size
                 );
-            }
-            let t = point(times)?;
-            let upload = match gcs_upload_target(url) {
-                Some((ep, bucket)) => {
-                    // The floor tool's output, uploaded once per rep.
-                    run_tool(&argv, &dirty_bin, &floor_out, is_zstd)?;
-                    let mut ups = Vec::new();
-                    for _ in 0..args.reps {
-                        ups.push(curl_upload(&ep, &bucket, &floor_out)?);
-                    }
-                    Some(point(ups)?.median + fl.median)
+                if let Some((ep, bucket)) = gcs_upload_target(url) {
+                    ups.push(curl_upload(&ep, &bucket, &floor_out)?);
                 }
-                None => None,
-            };
+            }
+        }
+        let _ = std::fs::remove_file(&floor_out);
+        let (zstd1, fl, fl_cpu) = (point(zstd1)?, point(fl)?, point(fl_cpu)?);
+        for ((url, _), (times, cpus, ups)) in stores.iter().zip(thaw) {
+            let t = point(times)?;
+            let cpu = point(cpus)?;
             let label = url.split(':').next().unwrap_or("?");
-            let (up_s, up_r) = upload.map_or(("-".to_owned(), "-".to_owned()), |u| {
+            let (up_s, up_r) = if ups.is_empty() {
+                ("-".to_owned(), "-".to_owned())
+            } else {
+                let u = point(ups)?.median + fl.median;
                 (format!("{u:.3}"), format!("{:.2}", t.median / u))
-            });
+            };
             println!(
-                "{:<7} {:<5} {:>9.3} {:>15} {:>9.3} {:<12} {:>6.2} {:>9.3} {:>6.2} {:>9} {:>6}",
+                "{:<7} {:<5} {:>9.3} {:>15} {:>9.3} {:<12} {:>6.2} {:>9.3} {:>6.2} {:>9} {:>6} {:>7.2} {:>7.2} {:>6.2}",
                 codec_label(codec),
                 label,
                 t.median,
@@ -269,9 +280,13 @@ pub fn run(args: &ExportMemArgs) -> anyhow::Result<()> {
                 zstd1.median,
                 t.median / zstd1.median,
                 up_s,
-                up_r
+                up_r,
+                cpu.median,
+                fl_cpu.median,
+                cpu.median / fl_cpu.median
             );
-            if let Some(sf) = &sha_floor {
+            if none {
+                let sf = point(sha.clone())?;
                 println!(
                     "        {label:<5} against cp + openssl dgst -sha256 ({:.3} s): {:.2}",
                     sf.median,
@@ -279,7 +294,6 @@ pub fn run(args: &ExportMemArgs) -> anyhow::Result<()> {
                 );
             }
         }
-        let _ = std::fs::remove_file(&floor_out);
     }
     eprintln!("load average: {}", load_average());
     Ok(())
@@ -427,18 +441,40 @@ fn run_tool(argv: &[&str], input: &Path, out: &Path, zstd: bool) -> anyhow::Resu
     Ok(())
 }
 
-/// Median, min and max of `reps` timed runs of the floor tool on `dirty.bin`.
-fn floor(argv: &[&str], input: &Path, args: &ExportMemArgs, zstd: bool) -> anyhow::Result<Point> {
-    let out = args.workdir.join("floor.out");
-    let mut times = Vec::new();
-    for _ in 0..args.reps {
-        let _ = std::fs::remove_file(&out);
-        let t0 = Instant::now();
-        run_tool(argv, input, &out, zstd)?;
-        times.push(t0.elapsed().as_secs_f64());
-    }
-    let _ = std::fs::remove_file(&out);
-    point(times)
+/// Runs the floor tool once on `input` (into `out`, removed first): wall seconds, and the CPU
+/// seconds (user + system) of the tool and its children.
+fn time_tool(argv: &[&str], input: &Path, out: &Path, zstd: bool) -> anyhow::Result<(f64, f64)> {
+    let _ = std::fs::remove_file(out);
+    let cpu0 = cpu_seconds(true)?;
+    let t0 = Instant::now();
+    run_tool(argv, input, out, zstd)?;
+    let t = t0.elapsed().as_secs_f64();
+    Ok((t, cpu_seconds(true)? - cpu0))
+}
+
+/// CPU seconds (user + system) of this process (all threads), or of its waited-for children,
+/// from `/proc/self/stat` (in USER_HZ, 100 per second on Linux: 10 ms resolution).
+fn cpu_seconds(children: bool) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").context("reading /proc/self/stat")?;
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .context("/proc/self/stat has no command name")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime, stime, cutime, cstime are fields 14-17 of the line: 11-14 after the name (state
+    // is field 3, index 0 here).
+    let (a, b) = if children { (13, 14) } else { (11, 12) };
+    let ticks = |i: usize| -> anyhow::Result<f64> {
+        let v: u64 = fields
+            .get(i)
+            .context("/proc/self/stat is short")?
+            .parse()
+            .context("/proc/self/stat field")?;
+        #[expect(clippy::cast_precision_loss, reason = "CPU ticks, far below 2^52")]
+        Ok(v as f64 / 100.0)
+    };
+    Ok(ticks(a)? + ticks(b)?)
 }
 
 /// `(endpoint, bucket)` of a `gs://bucket/...?endpoint=URL` store URL.
