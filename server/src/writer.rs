@@ -308,13 +308,15 @@ enum Next {
     Write(SyncSender<Encoded>),
 }
 
-/// Writes the data object as a pipeline, every stage on its own thread so that none waits for
-/// another: the calling thread reads pieces (frames, or 4 MiB of a plain object) into recycled
-/// buffers; one thread computes the SHA-256 of the pieces in order; `opts.workers` threads encode
-/// frames (not for a plain object); one thread writes them in order and builds the frame
-/// entries. At most `2 x workers + 2` pieces are in flight (buffers circulate as tokens), so
-/// memory stays bounded whatever the data size. Returns the frames, the SHA-256 and the writer
-/// (not yet committed).
+/// Writes the data object as a pipeline: the calling thread reads pieces (frames, or 4 MiB of a
+/// plain object) into recycled buffers; the SHA-256 is computed in order; `opts.workers` threads
+/// encode frames (not for a plain object); one thread writes them in order and builds the frame
+/// entries. For a plain object the hash has a thread of its own, so that reading, hashing and
+/// writing overlap (the hash costs more than the copies); with a codec the reader hashes each
+/// frame itself, which overlaps with the encoders (one more thread measured no faster on 2
+/// cores, docs/benchmarks.md). At most `2 x workers + 2` pieces are in flight (buffers circulate
+/// as tokens), so memory stays bounded whatever the data size. Returns the frames, the SHA-256
+/// and the writer (not yet committed).
 fn write_data(
     data: &mut dyn Read,
     data_len: u64,
@@ -327,7 +329,6 @@ fn write_data(
     let piece = if plain { PLAIN_PIECE } else { opts.frame_size };
     let in_flight = workers.saturating_mul(2).saturating_add(2);
     let n_pieces = usize::try_from(data_len.div_ceil(piece))?;
-    let (hash_tx, hash_rx) = sync_channel::<Job>(in_flight);
     let (job_tx, job_rx) = sync_channel::<Job>(workers.max(1));
     let job_rx = Mutex::new(job_rx);
     let (res_tx, res_rx) = sync_channel::<Encoded>(in_flight);
@@ -337,16 +338,22 @@ fn write_data(
             .send((Vec::new(), Vec::new()))
             .map_err(|_| anyhow!("token channel closed"))?;
     }
-    let next = if plain {
+    let stage = if plain {
         drop(job_tx);
-        Next::Write(res_tx.clone())
+        HashStage::new(Next::Write(res_tx.clone()))
     } else {
-        Next::Encode(job_tx)
+        HashStage::new(Next::Encode(job_tx))
     };
 
     std::thread::scope(|s| {
         let collector = s.spawn(move || collect(res_rx, tok_tx, writer, n_pieces, plain, progress));
-        let hasher = s.spawn(move || hash_pieces(hash_rx, next));
+        let (mut hashing, hasher) = if plain {
+            let (hash_tx, hash_rx) = sync_channel::<Job>(in_flight);
+            let hasher = s.spawn(move || hash_pieces(hash_rx, stage));
+            (Hashing::Thread(hash_tx), Some(hasher))
+        } else {
+            (Hashing::Inline(stage), None)
+        };
         for _ in 0..workers {
             let res_tx = res_tx.clone();
             let job_rx = &job_rx;
@@ -363,45 +370,89 @@ fn write_data(
                 };
                 let n = usize::try_from((data_len - pos).min(piece))?;
                 read_chunk(data, &mut bufs.0, n, pos, data_len)?;
-                if hash_tx.send((idx, bufs)).is_err() {
-                    return Ok(());
+                match &mut hashing {
+                    Hashing::Inline(stage) => stage.push(idx, bufs),
+                    Hashing::Thread(tx) => {
+                        if tx.send((idx, bufs)).is_err() {
+                            return Ok(());
+                        }
+                    }
                 }
                 pos += u64::try_from(n)?;
             }
             Ok(())
         })();
-        drop(hash_tx);
         drop(tok_rx);
+        let sha = match (hashing, hasher) {
+            (Hashing::Inline(stage), _) => stage.finish(),
+            (Hashing::Thread(tx), Some(hasher)) => {
+                drop(tx);
+                hasher
+                    .join()
+                    .map_err(|_| anyhow!("the hashing thread panicked"))?
+            }
+            (Hashing::Thread(_), None) => bail!("the hashing thread was not started"),
+        };
         let collected = collector
             .join()
             .map_err(|_| anyhow!("the data object writer thread panicked"))?;
-        let sha = hasher
-            .join()
-            .map_err(|_| anyhow!("the hashing thread panicked"))?;
         read_result?;
         let (frames, writer) = collected?;
         Ok((frames, sha, writer))
     })
 }
 
-/// The SHA-256 of the pieces, in order, each passed on to `next` once hashed. Once `next` is
-/// gone (the writer failed), keeps draining without hashing so the reader never blocks; its
-/// tokens run out and it stops.
-fn hash_pieces(pieces: Receiver<Job>, next: Next) -> [u8; 32] {
-    let mut sha = Sha256::new();
-    let mut next_gone = false;
-    for (idx, bufs) in pieces {
-        if next_gone {
-            continue;
+/// Where the reader's pieces are hashed: on the reader's thread, or on a thread of their own.
+enum Hashing {
+    /// The reader hashes and passes on each piece itself.
+    Inline(HashStage),
+    /// The pieces go to [`hash_pieces`].
+    Thread(SyncSender<Job>),
+}
+
+/// The SHA-256 of the pieces, in order, each passed on to `next` once hashed.
+struct HashStage {
+    sha: Sha256,
+    next: Next,
+    next_gone: bool,
+}
+
+impl HashStage {
+    fn new(next: Next) -> Self {
+        Self {
+            sha: Sha256::new(),
+            next,
+            next_gone: false,
         }
-        sha.update(&bufs.0);
-        let sent = match &next {
+    }
+
+    /// Hashes the piece and passes it on. Once `next` is gone (the writer failed), drops the
+    /// pieces without hashing: the reader's tokens run out and it stops; the writer's error is
+    /// the one reported.
+    fn push(&mut self, idx: usize, bufs: Buffers) {
+        if self.next_gone {
+            return;
+        }
+        self.sha.update(&bufs.0);
+        let sent = match &self.next {
             Next::Encode(tx) => tx.send((idx, bufs)).is_ok(),
             Next::Write(tx) => tx.send((idx, Ok(bufs))).is_ok(),
         };
-        next_gone = !sent;
+        self.next_gone = !sent;
     }
-    sha.finalize().into()
+
+    /// The SHA-256 of the pieces pushed; dropping the stage ends the next stage's input.
+    fn finish(self) -> [u8; 32] {
+        self.sha.finalize().into()
+    }
+}
+
+/// [`HashStage`] on its own thread, until the reader closes `pieces`.
+fn hash_pieces(pieces: Receiver<Job>, mut stage: HashStage) -> [u8; 32] {
+    for (idx, bufs) in pieces {
+        stage.push(idx, bufs);
+    }
+    stage.finish()
 }
 
 fn encode_worker(
