@@ -9,13 +9,15 @@
 //! the dirty runs as the change set, the dirty pages read from the memfd with positioned reads
 //! (what the handler's `MemfdSource` does), framing, compression, SHA-256, data object, header.
 //! What it leaves out is the fault handler's page-state walk that builds the change set
-//! (`memory_changes`, a few ms for 131,072 pages).
+//! (`memory_changes`; it needs a live userfaultfd session).
 //!
 //! The floor: the same dirty pages, packed in `dirty.bin` on tmpfs (page cache), through the
 //! command-line tool of the codec (`zstd -L -T2`, `lz4 -1`, `cp` for none) and through the
 //! issue's literal `zstd -1 -T2` for every codec; for `none` also `cp` followed by
-//! `openssl dgst -sha256` (the copy and the checksum a layer needs); for a `gs://…?endpoint=` destination also the
-//! floor tool's output uploaded with `curl` (one media upload).
+//! `openssl dgst -sha256` (the copy and the checksum a layer needs); for a `gs://…?endpoint=`
+//! destination also the floor tool's output uploaded with `curl` (one media upload). Floors and
+//! exports take turns rep by rep (both see the same load); beside wall time, the CPU seconds of
+//! the export (this process) and of the codec floor tool (from `/proc/self/stat`).
 
 use std::collections::BTreeMap;
 use std::fs::File;
