@@ -15,6 +15,7 @@ use clap::{Parser, Subcommand};
 
 mod codec_bench;
 mod engine_bench;
+mod export_mem;
 mod gen_cmd;
 mod stream_cmd;
 mod uffd_bench;
@@ -45,6 +46,9 @@ enum Command {
     /// The UFFD fault path: warm 4 KiB and 2 MiB faults vs a minimal handler, and a cold image
     /// touch through the simulated store and file://, with and without prefetch.
     Uffd(Box<uffd_bench::UffdBenchArgs>),
+    /// Export of guest memory at pause: a memfd with dirty pages stored as a memfile layer per
+    /// codec and store, against the zstd / lz4 CLIs (or cp) on the same dirty bytes.
+    ExportMem(Box<export_mem::ExportMemArgs>),
 }
 
 fn main() -> ExitCode {
@@ -62,6 +66,7 @@ fn main() -> ExitCode {
         Command::Engine(args) => engine_bench::run(args),
         Command::Stream(args) => stream_cmd::run(args),
         Command::Uffd(args) => uffd_bench::run(args),
+        Command::ExportMem(args) => export_mem::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

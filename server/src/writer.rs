@@ -103,14 +103,9 @@ pub fn store_build_file(
     // between the two) the object is refused rather than opened as a legacy headerless build
     // (`layout::load_header`).
     let put_opts = PutOptions::with_uncompressed_size(data_len);
-    let mut writer = store.create(&key, &put_opts)?;
+    let writer = store.create(&key, &put_opts)?;
     let progress = progress_bar(opts.progress, data_len, &format!("{build}/{file}"));
-    let (frames, sha256, writer) = if opts.codec == CompressionType::None {
-        let sha = copy_plain(data, data_len, &mut *writer, &progress)?;
-        (Vec::new(), sha, writer)
-    } else {
-        encode_frames(data, data_len, writer, opts, &progress)?
-    };
+    let (frames, sha256, writer) = write_data(data, data_len, writer, opts, &progress)?;
     let stored_size = writer.written();
     writer
         .commit()
@@ -290,60 +285,75 @@ fn read_chunk(
     })
 }
 
-fn copy_plain(
-    data: &mut dyn Read,
-    data_len: u64,
-    writer: &mut dyn ObjectWriter,
-    progress: &ProgressBar,
-) -> anyhow::Result<[u8; 32]> {
-    const CHUNK: u64 = 4 * 1024 * 1024;
-    let mut sha = Sha256::new();
-    let mut buf = Vec::new();
-    let mut pos = 0u64;
-    while pos < data_len {
-        let n = usize::try_from((data_len - pos).min(CHUNK))?;
-        read_chunk(data, &mut buf, n, pos, data_len)?;
-        sha.update(&buf);
-        writer.write_all(&buf).context("writing the data object")?;
-        pos += u64::try_from(n)?;
-        progress.inc(u64::try_from(n)?);
-    }
-    Ok(sha.finalize().into())
+/// Bytes per piece of a plain (`none`) data object: the object is the bytes as they are, so the
+/// piece size only sets the size of the reads, hashes and writes.
+const PLAIN_PIECE: u64 = 4 * 1024 * 1024;
+
+/// Frames written (none for a plain object), SHA-256 of the uncompressed data, and the
+/// (uncommitted) writer.
+type Written = (Vec<Frame>, [u8; 32], Box<dyn ObjectWriter>);
+/// The buffers that circulate as tokens: the uncompressed piece, and its encoded frame (unused
+/// for a plain object). Both keep their capacity from piece to piece.
+type Buffers = (Vec<u8>, Vec<u8>);
+/// A piece: its index and buffers (the uncompressed bytes read).
+type Job = (usize, Buffers);
+/// A piece ready to write: its index and buffers (the frame encoded), or why encoding failed.
+type Encoded = (usize, anyhow::Result<Buffers>);
+
+/// Where the hashing stage sends each piece.
+enum Next {
+    /// To the frame encoders.
+    Encode(SyncSender<Job>),
+    /// Straight to the writer (plain object).
+    Write(SyncSender<Encoded>),
 }
 
-/// Frames written, SHA-256 of the uncompressed data, and the (uncommitted) writer.
-type Written = (Vec<Frame>, [u8; 32], Box<dyn ObjectWriter>);
-/// A frame to encode: index and uncompressed bytes.
-type Job = (usize, Vec<u8>);
-/// An encoded frame: index, the uncompressed buffer (recycled) and the compressed bytes.
-type Encoded = (usize, Vec<u8>, anyhow::Result<Vec<u8>>);
-
-/// Encodes the data in frames on `opts.workers` threads; at most 2 x workers frames are in flight
-/// (buffers circulate as tokens), frames are written in order. Returns the frames, the SHA-256
+/// Writes the data object as a pipeline: the calling thread reads pieces (frames, or 4 MiB of a
+/// plain object) into recycled buffers; the SHA-256 is computed in order; `opts.workers` threads
+/// encode frames (not for a plain object); one thread writes them in order and builds the frame
+/// entries. For a plain object the hash has a thread of its own, so that reading, hashing and
+/// writing overlap (the hash costs more than the copies); with a codec the reader hashes each
+/// frame itself, which overlaps with the encoders (one more thread measured no faster on 2
+/// cores, docs/benchmarks.md). At most `2 x workers + 2` pieces are in flight (buffers circulate
+/// as tokens), so memory stays bounded whatever the data size. Returns the frames, the SHA-256
 /// and the writer (not yet committed).
-fn encode_frames(
+fn write_data(
     data: &mut dyn Read,
     data_len: u64,
     writer: Box<dyn ObjectWriter>,
     opts: &WriteOptions,
     progress: &ProgressBar,
 ) -> anyhow::Result<Written> {
-    let workers = opts.workers.max(1);
-    let in_flight = workers.saturating_mul(2);
-    let frame_size = opts.frame_size;
-    let n_frames = usize::try_from(data_len.div_ceil(frame_size))?;
-    let (job_tx, job_rx) = sync_channel::<Job>(workers);
+    let plain = opts.codec == CompressionType::None;
+    let workers = if plain { 0 } else { opts.workers.max(1) };
+    let piece = if plain { PLAIN_PIECE } else { opts.frame_size };
+    let in_flight = workers.saturating_mul(2).saturating_add(2);
+    let n_pieces = usize::try_from(data_len.div_ceil(piece))?;
+    let (job_tx, job_rx) = sync_channel::<Job>(workers.max(1));
     let job_rx = Mutex::new(job_rx);
     let (res_tx, res_rx) = sync_channel::<Encoded>(in_flight);
-    let (tok_tx, tok_rx) = sync_channel::<Vec<u8>>(in_flight);
+    let (tok_tx, tok_rx) = sync_channel::<Buffers>(in_flight);
     for _ in 0..in_flight {
         tok_tx
-            .send(Vec::new())
+            .send((Vec::new(), Vec::new()))
             .map_err(|_| anyhow!("token channel closed"))?;
     }
+    let stage = if plain {
+        drop(job_tx);
+        HashStage::new(Next::Write(res_tx.clone()))
+    } else {
+        HashStage::new(Next::Encode(job_tx))
+    };
 
     std::thread::scope(|s| {
-        let collector = s.spawn(move || collect(res_rx, tok_tx, writer, n_frames, progress));
+        let collector = s.spawn(move || collect(res_rx, tok_tx, writer, n_pieces, plain, progress));
+        let (mut hashing, hasher) = if plain {
+            let (hash_tx, hash_rx) = sync_channel::<Job>(in_flight);
+            let hasher = s.spawn(move || hash_pieces(hash_rx, stage));
+            (Hashing::Thread(hash_tx), Some(hasher))
+        } else {
+            (Hashing::Inline(stage), None)
+        };
         for _ in 0..workers {
             let res_tx = res_tx.clone();
             let job_rx = &job_rx;
@@ -351,33 +361,98 @@ fn encode_frames(
         }
         drop(res_tx);
 
-        let read_result = (|| -> anyhow::Result<[u8; 32]> {
-            let mut sha = Sha256::new();
+        let read_result = (|| -> anyhow::Result<()> {
             let mut pos = 0u64;
-            for idx in 0..n_frames {
-                // A closed token channel means the collector stopped: its error explains why.
-                let Ok(mut buf) = tok_rx.recv() else {
-                    return Ok([0; 32]);
+            for idx in 0..n_pieces {
+                // A closed token channel means the writer stopped: its error explains why.
+                let Ok(mut bufs) = tok_rx.recv() else {
+                    return Ok(());
                 };
-                let n = usize::try_from((data_len - pos).min(frame_size))?;
-                read_chunk(data, &mut buf, n, pos, data_len)?;
-                sha.update(&buf);
-                if job_tx.send((idx, buf)).is_err() {
-                    return Ok([0; 32]);
+                let n = usize::try_from((data_len - pos).min(piece))?;
+                read_chunk(data, &mut bufs.0, n, pos, data_len)?;
+                match &mut hashing {
+                    Hashing::Inline(stage) => stage.push(idx, bufs),
+                    Hashing::Thread(tx) => {
+                        if tx.send((idx, bufs)).is_err() {
+                            return Ok(());
+                        }
+                    }
                 }
                 pos += u64::try_from(n)?;
             }
-            Ok(sha.finalize().into())
+            Ok(())
         })();
-        drop(job_tx);
         drop(tok_rx);
+        let sha = match (hashing, hasher) {
+            (Hashing::Inline(stage), _) => stage.finish(),
+            (Hashing::Thread(tx), Some(hasher)) => {
+                drop(tx);
+                hasher
+                    .join()
+                    .map_err(|_| anyhow!("the hashing thread panicked"))?
+            }
+            (Hashing::Thread(_), None) => bail!("the hashing thread was not started"),
+        };
         let collected = collector
             .join()
-            .map_err(|_| anyhow!("the frame writer thread panicked"))?;
-        let sha = read_result?;
+            .map_err(|_| anyhow!("the data object writer thread panicked"))?;
+        read_result?;
         let (frames, writer) = collected?;
         Ok((frames, sha, writer))
     })
+}
+
+/// Where the reader's pieces are hashed: on the reader's thread, or on a thread of their own.
+enum Hashing {
+    /// The reader hashes and passes on each piece itself.
+    Inline(HashStage),
+    /// The pieces go to [`hash_pieces`].
+    Thread(SyncSender<Job>),
+}
+
+/// The SHA-256 of the pieces, in order, each passed on to `next` once hashed.
+struct HashStage {
+    sha: Sha256,
+    next: Next,
+    next_gone: bool,
+}
+
+impl HashStage {
+    fn new(next: Next) -> Self {
+        Self {
+            sha: Sha256::new(),
+            next,
+            next_gone: false,
+        }
+    }
+
+    /// Hashes the piece and passes it on. Once `next` is gone (the writer failed), drops the
+    /// pieces without hashing: the reader's tokens run out and it stops; the writer's error is
+    /// the one reported.
+    fn push(&mut self, idx: usize, bufs: Buffers) {
+        if self.next_gone {
+            return;
+        }
+        self.sha.update(&bufs.0);
+        let sent = match &self.next {
+            Next::Encode(tx) => tx.send((idx, bufs)).is_ok(),
+            Next::Write(tx) => tx.send((idx, Ok(bufs))).is_ok(),
+        };
+        self.next_gone = !sent;
+    }
+
+    /// The SHA-256 of the pieces pushed; dropping the stage ends the next stage's input.
+    fn finish(self) -> [u8; 32] {
+        self.sha.finalize().into()
+    }
+}
+
+/// [`HashStage`] on its own thread, until the reader closes `pieces`.
+fn hash_pieces(pieces: Receiver<Job>, mut stage: HashStage) -> [u8; 32] {
+    for (idx, bufs) in pieces {
+        stage.push(idx, bufs);
+    }
+    stage.finish()
 }
 
 fn encode_worker(
@@ -388,71 +463,81 @@ fn encode_worker(
 ) {
     let mut encoder = FrameEncoder::new(codec, level).map_err(anyhow::Error::new);
     // Once the collector is gone (it failed), keep draining jobs without encoding them, so the
-    // reader never blocks on a full job channel; it stops when its tokens run out.
+    // hashing stage never blocks on a full job channel; the reader stops when its tokens run out.
     let mut collector_gone = false;
     loop {
         let job = match jobs.lock() {
             Ok(rx) => rx.recv(),
             Err(_) => return,
         };
-        let Ok((idx, src)) = job else { return };
+        let Ok((idx, (src, mut dst))) = job else {
+            return;
+        };
         if collector_gone {
             continue;
         }
+        dst.clear();
         let out = match encoder.as_mut() {
-            Ok(enc) => {
-                let mut dst = Vec::with_capacity(src.len() / 2);
-                enc.encode(&src, &mut dst)
-                    .map(|_| dst)
-                    .map_err(|e| anyhow::Error::new(e).context(format!("encoding frame {idx}")))
-            }
+            Ok(enc) => match enc.encode(&src, &mut dst) {
+                Ok(_) => Ok((src, dst)),
+                Err(e) => Err(anyhow::Error::new(e).context(format!("encoding frame {idx}"))),
+            },
             Err(e) => Err(anyhow!("creating the {} encoder: {e}", codec.as_str())),
         };
-        if results.send((idx, src, out)).is_err() {
+        if results.send((idx, out)).is_err() {
             collector_gone = true;
         }
     }
 }
 
-/// Writes encoded frames in order, building the frame entries; returns each buffer as a token.
+/// Writes the pieces in order (the encoded frame, or the piece itself for a plain object),
+/// building the frame entries; returns each piece's buffers as a token.
 fn collect(
     results: Receiver<Encoded>,
-    tokens: SyncSender<Vec<u8>>,
+    tokens: SyncSender<Buffers>,
     mut writer: Box<dyn ObjectWriter>,
-    n_frames: usize,
+    n_pieces: usize,
+    plain: bool,
     progress: &ProgressBar,
 ) -> anyhow::Result<(Vec<Frame>, Box<dyn ObjectWriter>)> {
-    let mut frames = Vec::with_capacity(n_frames);
-    let mut pending: BTreeMap<usize, (Vec<u8>, Vec<u8>)> = BTreeMap::new();
+    let mut frames = Vec::with_capacity(if plain { 0 } else { n_pieces });
+    let mut pending: BTreeMap<usize, Buffers> = BTreeMap::new();
+    let mut written = 0usize;
     let mut start_u = 0u64;
     let mut start_c = 0u64;
-    while frames.len() < n_frames {
-        let Ok((idx, src, out)) = results.recv() else {
-            bail!(
-                "frame encoders stopped after {} of {n_frames} frames",
-                frames.len()
-            );
+    while written < n_pieces {
+        let Ok((idx, out)) = results.recv() else {
+            bail!("the data pipeline stopped after {written} of {n_pieces} pieces");
         };
-        pending.insert(idx, (src, out?));
-        while let Some((src, compressed)) = pending.remove(&frames.len()) {
-            let idx = frames.len();
-            writer
-                .write_all(&compressed)
-                .with_context(|| format!("writing frame {idx}"))?;
-            let size_u = u32::try_from(src.len()).context("frame too large")?;
-            let size_c = u32::try_from(compressed.len())
-                .with_context(|| format!("frame {idx} compressed to more than 4 GiB"))?;
-            frames.push(Frame {
-                start_u,
-                start_c,
-                size_u,
-                size_c,
-            });
-            start_u += u64::from(size_u);
-            start_c += u64::from(size_c);
-            progress.inc(u64::from(size_u));
-            // The reader may already be done; then nobody needs the buffer back.
-            let _ = tokens.send(src);
+        pending.insert(idx, out?);
+        while let Some((src, encoded)) = pending.remove(&written) {
+            let idx = written;
+            if plain {
+                writer
+                    .write_all(&src)
+                    .with_context(|| format!("writing the data object at byte {start_u}"))?;
+                start_u += u64::try_from(src.len())?;
+                progress.inc(u64::try_from(src.len())?);
+            } else {
+                writer
+                    .write_all(&encoded)
+                    .with_context(|| format!("writing frame {idx}"))?;
+                let size_u = u32::try_from(src.len()).context("frame too large")?;
+                let size_c = u32::try_from(encoded.len())
+                    .with_context(|| format!("frame {idx} compressed to more than 4 GiB"))?;
+                frames.push(Frame {
+                    start_u,
+                    start_c,
+                    size_u,
+                    size_c,
+                });
+                start_u += u64::from(size_u);
+                start_c += u64::from(size_c);
+                progress.inc(u64::from(size_u));
+            }
+            written += 1;
+            // The reader may already be done; then nobody needs the buffers back.
+            let _ = tokens.send((src, encoded));
         }
     }
     Ok((frames, writer))

@@ -422,3 +422,73 @@ fn a_failing_object_writer_fails_cleanly() {
         0
     );
 }
+
+/// A reader that yields `data`, then fails.
+struct FailingReader<'a> {
+    data: &'a [u8],
+}
+
+impl std::io::Read for FailingReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.data.is_empty() {
+            return Err(std::io::Error::other("injected read failure"));
+        }
+        let n = buf.len().min(self.data.len());
+        buf[..n].copy_from_slice(&self.data[..n]);
+        self.data = &self.data[n..];
+        Ok(n)
+    }
+}
+
+#[test]
+fn many_pieces_round_trip_and_a_failing_reader_stores_nothing() {
+    // A plain object of several 4 MiB pieces and a compressed one of many frames, each ending
+    // short: the pipeline (read, hash, encode, write) keeps the order and the checksum.
+    let size: u64 = 9 * 1024 * 1024 + 3 * 4096;
+    let data = test_data(11, usize::try_from(size).unwrap());
+    let sha: [u8; 32] = Sha256::digest(&data).into();
+    for codec in [CompressionType::None, CompressionType::Lz4] {
+        let (_dir, store) = temp_store();
+        let build = uuid::Uuid::new_v4();
+        let header = Header::new_base(build, size, BLOCK, 4).unwrap();
+        let o = WriteOptions {
+            frame_size: 64 * 1024,
+            ..opts(codec, 4)
+        };
+        let stored = store_build_file(
+            &store,
+            FileKind::Memfile,
+            &header,
+            &mut data.as_slice(),
+            size,
+            &o,
+        )
+        .unwrap_or_else(|e| panic!("{codec:?}: {e:#}"));
+        assert_eq!(stored.sha256, sha, "{codec:?}");
+        assert_eq!(
+            read_flat(&store, build, FileKind::Memfile).unwrap(),
+            data,
+            "{codec:?}"
+        );
+
+        // The source fails after 5 MiB (within the second plain piece, after many frames).
+        let build = uuid::Uuid::new_v4();
+        let header = Header::new_base(build, size, BLOCK, 4).unwrap();
+        let mut reader = FailingReader {
+            data: &data[..5 * 1024 * 1024],
+        };
+        let e = store_build_file(&store, FileKind::Memfile, &header, &mut reader, size, &o)
+            .unwrap_err();
+        assert!(format!("{e:#}").contains("injected read failure"), "{e:#}");
+        assert!(
+            !store
+                .exists(&header_object(build, FileKind::Memfile))
+                .unwrap()
+        );
+        assert!(
+            !store
+                .exists(&data_object(build, FileKind::Memfile, codec))
+                .unwrap()
+        );
+    }
+}
