@@ -42,6 +42,77 @@ pub enum CtlAction {
     /// `thaw uffd --control`: store the guest's changed pages as a new memfile layer over the
     /// served build (pause the VM first). Idempotent by --new-build.
     MemorySnapshot(MemorySnapshotArgs),
+    /// `thaw uffd --control`: list the UFFD handlers: state, peer, counters, dirty/zero pages.
+    Handlers,
+    /// `thaw uffd --control`: start a handler: bind SOCKET and wait for Firecracker's handshake
+    /// in the background.
+    HandlerAdd(HandlerAddArgs),
+    /// `thaw uffd --control`: stop a handler (a serving one only once its VM is gone, or with
+    /// --force, which kills the VM).
+    HandlerRemove(HandlerRemoveArgs),
+    /// `thaw uffd --control`: store a handler's guest memory changes as a new memfile layer
+    /// (pause the VM first). Idempotent by --new-build.
+    HandlerSnapshot(HandlerSnapshotArgs),
+    /// `thaw uffd --control`: warm and prefault ranges of a serving handler's file, or the
+    /// build's recorded prefetch plan.
+    HandlerPrefetch(HandlerPrefetchArgs),
+}
+
+/// `thaw ctl handler-add` arguments.
+#[derive(Debug, Args)]
+pub struct HandlerAddArgs {
+    /// The handler's name.
+    pub name: String,
+    /// The build to serve.
+    #[arg(long, value_name = "UUID")]
+    pub build: BuildId,
+    /// The unix socket Firecracker connects to.
+    #[arg(long, value_name = "PATH")]
+    pub socket: PathBuf,
+    /// The file to serve.
+    #[arg(long, default_value = "memfile")]
+    pub file: thaw_codec::FileKind,
+    /// Warm and prefault the build's recorded prefetch plan.
+    #[arg(long)]
+    pub prefetch: bool,
+}
+
+/// `thaw ctl handler-remove` arguments.
+#[derive(Debug, Args)]
+pub struct HandlerRemoveArgs {
+    /// The handler's name.
+    pub name: String,
+    /// Stop a handler whose VM still runs: the VM is killed.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// `thaw ctl handler-snapshot` arguments.
+#[derive(Debug, Args)]
+pub struct HandlerSnapshotArgs {
+    /// The handler's name.
+    pub name: String,
+    /// The new layer.
+    #[command(flatten)]
+    pub layer: LayerArgs,
+}
+
+/// `thaw ctl handler-prefetch` arguments.
+#[derive(Debug, Args)]
+pub struct HandlerPrefetchArgs {
+    /// The handler's name.
+    pub name: String,
+    /// OFFSET:LEN of the file (sizes like 2MiB allowed); repeatable. None: the build's recorded
+    /// prefetch plan.
+    #[arg(long = "range", value_name = "OFFSET:LEN", value_parser = parse_range)]
+    pub ranges: Vec<[u64; 2]>,
+}
+
+fn parse_range(s: &str) -> Result<[u64; 2], String> {
+    let (o, l) = s
+        .split_once(':')
+        .ok_or_else(|| format!("{s:?}: expected OFFSET:LEN"))?;
+    Ok([parse_size(o)?, parse_size(l)?])
 }
 
 /// What every snapshot request says about the new layer.
@@ -130,6 +201,52 @@ pub fn run(args: &CtlArgs) -> anyhow::Result<()> {
                 &args.control,
                 "POST",
                 "/v1/memory/snapshot",
+                Some(serde_json::to_vec(&req).context("encoding the request")?),
+            )?
+        }
+        CtlAction::Handlers => call(&args.control, "GET", "/v1/handlers", None)?,
+        CtlAction::HandlerAdd(a) => {
+            let spec = crate::handlers::HandlerSpec {
+                name: a.name.clone(),
+                build: a.build,
+                file: a.file,
+                socket: a.socket.clone(),
+                prefetch: a.prefetch,
+            };
+            call(
+                &args.control,
+                "POST",
+                "/v1/handlers",
+                Some(serde_json::to_vec(&spec).context("encoding the request")?),
+            )?
+        }
+        CtlAction::HandlerRemove(a) => {
+            let uri = format!(
+                "/v1/handlers/{}{}",
+                percent_path(&a.name),
+                if a.force { "?force=true" } else { "" }
+            );
+            call(&args.control, "DELETE", &uri, None)?
+        }
+        CtlAction::HandlerSnapshot(a) => {
+            let req = a.layer.request(None, None);
+            let uri = format!("/v1/handlers/{}/snapshot", percent_path(&a.name));
+            call(
+                &args.control,
+                "POST",
+                &uri,
+                Some(serde_json::to_vec(&req).context("encoding the request")?),
+            )?
+        }
+        CtlAction::HandlerPrefetch(a) => {
+            let req = crate::control::PrefetchRequest {
+                offsets: (!a.ranges.is_empty()).then(|| a.ranges.clone()),
+            };
+            let uri = format!("/v1/handlers/{}/prefetch", percent_path(&a.name));
+            call(
+                &args.control,
+                "POST",
+                &uri,
                 Some(serde_json::to_vec(&req).context("encoding the request")?),
             )?
         }
