@@ -392,6 +392,24 @@ impl Handlers {
         }
         self.check_free(&spec)?;
         let build = spec.build;
+        // The engine's open says "no such file" without a typed error: ask the store first.
+        let meta = self.engine.meta_store();
+        match crate::layout::load_header(meta.as_ref(), build, spec.file) {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                return Err(HandlerError::UnknownBuild(format!(
+                    "{}: build {build} has no {}",
+                    meta.url(),
+                    spec.file
+                )));
+            }
+            Err(e) => {
+                return Err(HandlerError::Other(e.context(format!(
+                    "reading the header of build {build} ({})",
+                    spec.file
+                ))));
+            }
+        }
         let file = self
             .engine
             .open(build, spec.file)

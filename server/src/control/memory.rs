@@ -263,6 +263,16 @@ async fn snapshot(
         ));
     }
     let m = serving(h)?;
+    if m.is_finished() && m.memfd().is_none() {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            format!(
+                "handler {:?} is finished: its VM is gone and sent no memfd, so its memory \
+                 cannot be read",
+                h.name()
+            ),
+        ));
+    }
     let opts = write_options(&req)?;
     let store: Arc<dyn Store> = match &req.to {
         Some(url) => {
