@@ -293,11 +293,9 @@ fn vm_main(mem: &Mem, report: &Mem, addr: &libc::sockaddr_un, json: &[u8], expec
         let off = p * PS;
         match p % 3 {
             0 => mem.write_u64(off + 8, written(p)),
-            1 => {
-                if mem.slice(off, PS) != &expected[off..off + PS] {
-                    report.write_u64(STATUS, MISMATCH);
-                    return 1;
-                }
+            1 if mem.slice(off, PS) != &expected[off..off + PS] => {
+                report.write_u64(STATUS, MISMATCH);
+                return 1;
             }
             _ => {}
         }
@@ -344,8 +342,10 @@ fn send_with_fd(sock: RawFd, data: &[u8], fd: RawFd) -> bool {
     hdr.cmsg_type = libc::SCM_RIGHTS;
     // SAFETY: pure size computation.
     hdr.cmsg_len = unsafe { libc::CMSG_LEN(4) } as usize;
-    // SAFETY: CMSG_DATA of the header inside `control`; one fd fits after it.
-    unsafe { libc::CMSG_DATA(cmsg).cast::<RawFd>().write_unaligned(fd) };
+    // SAFETY: CMSG_DATA of the header inside `control`.
+    let data = unsafe { libc::CMSG_DATA(cmsg) }.cast::<RawFd>();
+    // SAFETY: one fd fits after the header inside `control`.
+    unsafe { data.write_unaligned(fd) };
     // SAFETY: `msg` points at live buffers for the duration of the call.
     unsafe { libc::sendmsg(sock, &raw const msg, 0) >= 0 }
 }
