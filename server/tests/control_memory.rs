@@ -211,14 +211,25 @@ impl Vm {
         self.report.write_u64(COMMAND, c);
     }
 
-    /// Waits for the child to end; its raw wait status.
+    /// Waits (up to 30 s: a hang is a failure, and drop then kills it) for the child to end;
+    /// its raw wait status.
     fn reap(&mut self) -> i32 {
-        let mut status = 0;
-        // SAFETY: waits for our own child.
-        let rc = unsafe { libc::waitpid(self.pid, &raw mut status, 0) };
-        assert_eq!(rc, self.pid, "waitpid");
-        self.reaped = true;
-        status
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut status = 0;
+            // SAFETY: polls our own child.
+            let rc = unsafe { libc::waitpid(self.pid, &raw mut status, libc::WNOHANG) };
+            if rc == self.pid {
+                self.reaped = true;
+                return status;
+            }
+            assert_eq!(rc, 0, "waitpid");
+            assert!(
+                Instant::now() < deadline,
+                "the fake Firecracker never ended"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 }
 
