@@ -1,4 +1,5 @@
-//! `thaw ctl`: the command-line client of a running `thaw serve --control PATH`.
+//! `thaw ctl`: the command-line client of a running `thaw serve --control PATH` or
+//! `thaw uffd --control PATH`.
 
 use std::path::PathBuf;
 
@@ -12,14 +13,14 @@ use crate::nbd::HeldWrites;
 use super::parse_size;
 
 /// Long help of `thaw ctl`.
-pub const LONG_ABOUT: &str = "Talk to a running `thaw serve --control PATH` (HTTP/1.1 + JSON on a \
-unix socket; the API is in docs/control-api.yaml). Prints the JSON reply; exits non-zero with the \
+pub const LONG_ABOUT: &str = "Talk to a running `thaw serve --control PATH` or `thaw uffd --control \
+PATH` (HTTP/1.1 + JSON on a unix socket; the API is in docs/control-api.yaml). Prints the JSON reply; exits non-zero with the \
 server's error message when the request fails.";
 
 /// `thaw ctl` arguments.
 #[derive(Debug, Args)]
 pub struct CtlArgs {
-    /// The control socket of the server (`thaw serve --control PATH`).
+    /// The control socket of the server (`thaw serve|uffd --control PATH`).
     #[arg(long, value_name = "PATH")]
     pub control: PathBuf,
 

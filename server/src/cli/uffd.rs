@@ -25,7 +25,10 @@ memory; a miss fetches the frame once). Exits 0 when the VM goes away. If a page
 produced (after the retries), Firecracker is SIGKILLed and the command exits non-zero naming the \
 page and the cause: a VM is never given unknown data. With --prefetch, the build's recorded \
 first-touch order (metadata.json prefetch.memory) is fetched in the background at low priority \
-and installed before the guest touches it. A summary goes to stderr at exit.";
+and installed before the guest touches it. A summary goes to stderr at exit. With --control PATH \
+and no --build/--socket, the command serves only the control API: handlers are started, listed, \
+prefetched, snapshotted and stopped at runtime (/v1/handlers, `thaw ctl handler-*`) until \
+SIGTERM, which stops them (killing the VMs still served).";
 
 /// `thaw uffd` options.
 #[derive(Debug, Args)]
