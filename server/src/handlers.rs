@@ -541,7 +541,7 @@ impl Handlers {
     /// [`HandlerError::NotFound`] (no such handler, or no recorded plan), a handler that is not
     /// serving ([`HandlerError::Conflict`]), a range outside the file
     /// ([`HandlerError::Other`]).
-    pub fn prefetch(&self, name: &str, ranges: Option<&[[u64; 2]]>) -> Result<u64, HandlerError> {
+    pub fn prefetch(&self, name: &str, ranges: Option<&[(u64, u64)]>) -> Result<u64, HandlerError> {
         let handler = self
             .get(name)
             .ok_or_else(|| HandlerError::NotFound(format!("no handler named {name:?}")))?;
@@ -557,7 +557,7 @@ impl Handlers {
             Some(ranges) => {
                 let mut seen = std::collections::HashSet::new();
                 let mut pages = Vec::new();
-                for &[offset, len] in ranges {
+                for &(offset, len) in ranges {
                     let end = offset
                         .checked_add(len)
                         .filter(|&e| e <= size)

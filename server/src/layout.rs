@@ -98,6 +98,14 @@ pub fn load_header(
     }
     let plain = data_object(build, file, CompressionType::None);
     match store.stat(&plain) {
+        // Legacy builds predate e2b's compression and its metadata; thaw sets `uncompressed-size`
+        // on every data object it stores with a header (`writer::store_build_file`).
+        Ok(info) if info.uncompressed_size.is_some() => bail!(
+            "build {build} {file}: the data object {plain} has no header ({}) but carries \
+             `uncompressed-size` metadata, so it is a layer whose upload did not finish, not a \
+             legacy headerless build: refusing to read it",
+            header_object(build, file)
+        ),
         Ok(info) => Ok(Some(LoadedHeader {
             header: legacy_header(build, file, info.size),
             legacy: true,

@@ -37,6 +37,22 @@ const LATENCY_BUCKETS: &[f64] = &[
 /// Name of the request latency histogram.
 pub const REQUEST_DURATION: &str = "thaw_nbd_request_duration_seconds";
 
+/// Whether a recorder was installed: hot paths skip measuring what nobody records (a
+/// `clock_gettime` pair per NBD request is 2 % of a warm server's CPU).
+static RECORDING: AtomicBool = AtomicBool::new(false);
+
+/// Whether a metrics recorder is installed in this process ([`MetricsServer::start`]).
+#[inline]
+pub fn recording() -> bool {
+    RECORDING.load(Ordering::Relaxed)
+}
+
+/// Starts a duration measurement when metrics are recorded (see [`recording`]).
+#[inline]
+pub fn start_timer() -> Option<std::time::Instant> {
+    recording().then(std::time::Instant::now)
+}
+
 /// The metrics endpoint (stopped on drop).
 #[derive(Debug)]
 pub struct MetricsServer {
@@ -52,6 +68,9 @@ impl MetricsServer {
     /// # Errors
     /// A recorder is already installed in this process; the address cannot be bound.
     pub fn start(addr: &str, engine: Option<Arc<Engine>>) -> anyhow::Result<Self> {
+        // Set before the recorder exists: a request timed just before installation is recorded
+        // into the no-op recorder, which is harmless.
+        RECORDING.store(true, Ordering::Relaxed);
         let handle = PrometheusBuilder::new()
             .set_buckets_for_metric(Matcher::Full(REQUEST_DURATION.into()), LATENCY_BUCKETS)
             .context("histogram buckets")?

@@ -98,11 +98,11 @@ pub fn store_build_file(
         .with_context(|| format!("storing build {build} {file}"))?;
 
     let key = data_object(build, file, opts.codec);
-    let put_opts = if opts.codec == CompressionType::None {
-        PutOptions::default()
-    } else {
-        PutOptions::with_uncompressed_size(data_len)
-    };
+    // `uncompressed-size` on every data object, plain ones too (where it equals the size): a
+    // plain object carrying it was stored with a header, so if the header never lands (a crash
+    // between the two) the object is refused rather than opened as a legacy headerless build
+    // (`layout::load_header`).
+    let put_opts = PutOptions::with_uncompressed_size(data_len);
     let mut writer = store.create(&key, &put_opts)?;
     let progress = progress_bar(opts.progress, data_len, &format!("{build}/{file}"));
     let (frames, sha256, writer) = if opts.codec == CompressionType::None {

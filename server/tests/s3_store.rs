@@ -121,12 +121,13 @@ fn chains_uploaded_by_thaw_compress_read_back_through_the_engine() {
                     got == want,
                     "{name}: build {build} {file} read from S3 differs from its flattened image"
                 );
-                // Compressed objects carry e2b's uncompressed-size metadata.
+                // Every data object carries e2b's uncompressed-size metadata (plain ones too:
+                // it tells them from legacy headerless builds).
                 let info = s3
                     .stat(&data_object(layer.build_id, file, compression))
                     .unwrap();
                 if compression == CompressionType::None {
-                    assert_eq!(info.uncompressed_size, None);
+                    assert_eq!(info.uncompressed_size, Some(truth.diff_bytes));
                     assert_eq!(info.size, truth.diff_bytes);
                 } else {
                     assert_eq!(info.uncompressed_size, Some(truth.diff_bytes));

@@ -14,6 +14,9 @@
     reason = "test images are a few MiB and the tests run on 64-bit Linux"
 )]
 
+#[path = "common/gcs.rs"]
+mod gcs_common;
+
 use std::fs;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -21,9 +24,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use rand::SeedableRng;
 use rand::rngs::SmallRng;
 use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
 use thaw_codec::diff::{DiffMetadata, child_header};
 use thaw_codec::{CompressionType, FileKind, HUGEPAGE_SIZE, Header, PAGE_SIZE};
 use thaw_server::chain::{ChainManifest, ChainSpec, generate};
@@ -1679,5 +1682,117 @@ fn thaw_uffd_control_snapshots_the_guest_memory() {
     f.read_at(0, &mut all).unwrap();
     if let Some(i) = all.iter().zip(&model).position(|(a, b)| a != b) {
         panic!("the snapshot differs from the guest memory at byte {i}");
+    }
+}
+
+/// Memory export at pause, ten pause/resume cycles with every codec, into `file://` and into
+/// fake-gcs-server (issue 6's round trip): each cycle serves the previous cycle's build to a
+/// guest whose memory is a memfd (e2b's `use_memfd`), the guest writes some pages, the handler's
+/// change set is stored as a new memfile layer (zstd, LZ4 and none in turn), and a fresh engine
+/// over the same store reads the new build back equal to the guest memory; the header stays
+/// compact (no two adjacent mappings that could merge).
+#[test]
+fn memory_exports_with_every_codec_into_file_and_fake_gcs() {
+    let dir = tempfile::tempdir().unwrap();
+    let file_store: Arc<dyn Store> = Arc::new(FileStore::new(dir.path().join("store")));
+    let mut stores = vec![("file", file_store)];
+    let gcs = gcs_common::FakeGcs::start();
+    if let Some(gcs) = &gcs {
+        gcs.create_bucket("mem");
+        let url = format!("gs://mem/builds?endpoint={}", gcs.endpoint());
+        stores.push(("gcs", thaw_server::store::open_store(&url).unwrap()));
+    }
+    let codecs = [
+        (CompressionType::Zstd, 2),
+        (CompressionType::Lz4, 0),
+        (CompressionType::None, 0),
+    ];
+    let mut rng = SmallRng::seed_from_u64(68);
+    for (name, store) in stores {
+        let manifest = generate(
+            store.as_ref(),
+            &dir.path().join(format!("expected-{name}")),
+            &spec(CompressionType::Zstd, PAGE_SIZE, 67),
+        )
+        .unwrap();
+        let top = manifest.top().unwrap();
+        let mut model = fs::read(&top.files["memfile"].flat).unwrap();
+        let mut build = top.build_id;
+        let size = model.len();
+        let pages = size / PAGE_SIZE as usize;
+        for cycle in 0..10 {
+            let (codec, level) = codecs[cycle % codecs.len()];
+            let what = format!("{name} cycle {cycle} {codec:?}");
+            let engine = Engine::new(Arc::clone(&store), engine_config()).unwrap();
+            let MemfdGuest { memfd, mem, uffd } = MemfdGuest::new(size);
+            let socket = dir.path().join(format!("{name}-{cycle}.sock"));
+            let listener = UnixListener::bind(&socket).unwrap();
+            let json = region_json(mem.addr(), size as u64, PAGE_SIZE);
+            let (uffd_raw, memfd_raw) = (uffd.as_raw_fd(), memfd.as_raw_fd());
+            let client = std::thread::spawn(move || {
+                let s = UnixStream::connect(&socket).unwrap();
+                assert!(send_with_fds(
+                    s.as_raw_fd(),
+                    json.as_bytes(),
+                    &[uffd_raw, memfd_raw]
+                ));
+                s
+            });
+            let options = UffdOptions {
+                handshake_timeout: Duration::from_secs(20),
+                kill_peer_on_handshake_error: false,
+                handler: HandlerConfig {
+                    kill_peer_on_failure: false,
+                    ..HandlerConfig::default()
+                },
+                ..UffdOptions::default()
+            };
+            let server = serve_uffd(&engine, build, &listener, &options).unwrap();
+            let _client = client.join().unwrap();
+
+            // A run of pages and a few scattered ones, each written at a random place.
+            let run = rng.random_range(0..pages - 8);
+            let mut touched: Vec<usize> = (run..run + 8).collect();
+            touched.extend((0..6).map(|_| rng.random_range(0..pages)));
+            for p in touched {
+                let off = p * PAGE_SIZE as usize + rng.random_range(0..PAGE_SIZE as usize / 8) * 8;
+                let v = rng.random::<u64>() | 1;
+                mem.write_u64(off, v);
+                model[off..off + 8].copy_from_slice(&v.to_ne_bytes());
+            }
+            let new = uuid::Uuid::new_v4();
+            let opts = WriteOptions {
+                codec,
+                level,
+                frame_size: 1024 * 1024,
+                header_version: 4,
+                workers: 2,
+                progress: false,
+            };
+            let out = server.export_memory(store.as_ref(), new, &opts).unwrap();
+            assert!(
+                matches!(out, thaw_server::export::Exported::Stored(_)),
+                "{what}: {out:?}"
+            );
+            server.stop();
+            drop(server.join());
+            drop(mem);
+
+            let fresh = Engine::new(Arc::clone(&store), engine_config()).unwrap();
+            let f = fresh.open(new, FileKind::Memfile).unwrap();
+            let mut all = vec![0u8; size];
+            f.read_at(0, &mut all).unwrap();
+            if let Some(i) = all.iter().zip(&model).position(|(a, b)| a != b) {
+                panic!("{what}: the exported memory differs from the guest's at byte {i}");
+            }
+            let maps = &f.header().mappings;
+            for w in maps.windows(2) {
+                let (a, b) = (&w[0], &w[1]);
+                let mergeable = a.build_id == b.build_id
+                    && (a.is_nil() || a.build_storage_offset + a.length == b.build_storage_offset);
+                assert!(!mergeable, "{what}: unmerged adjacent mappings {a:?} {b:?}");
+            }
+            build = new;
+        }
     }
 }

@@ -7,7 +7,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use thaw_codec::BuildId;
 
-use crate::control::{After, SnapshotRequest, call};
+use crate::control::{AddRequest, After, PrefetchRequest, SnapshotRequest, call};
 use crate::nbd::HeldWrites;
 
 use super::parse_size;
@@ -38,6 +38,15 @@ pub enum CtlAction {
     /// are held back meanwhile; the reply describes the stored layer. Repeating the request with
     /// the same --new-build is idempotent.
     Snapshot(SnapshotArgs),
+    /// Add an export of a build while the server runs (replies with the export, as listed).
+    Add(AddArgs),
+    /// Remove an export: new connections no longer see it, open ones finish their requests
+    /// and close, its overlay file is deleted. Refused while it holds writes no snapshot
+    /// stored, unless --force.
+    Remove(RemoveArgs),
+    /// Warm byte ranges of an export's cache in the background (without --range: a memfile
+    /// build's recorded prefetch plan). Replies with what was queued; `exports` shows progress.
+    Prefetch(PrefetchArgs),
     /// `thaw uffd --control`: the VM memory's handler state and change counters.
     Memory,
     /// `thaw uffd --control`: store the guest's changed pages as a new memfile layer over the
@@ -103,17 +112,53 @@ pub struct HandlerSnapshotArgs {
 pub struct HandlerPrefetchArgs {
     /// The handler's name.
     pub name: String,
-    /// OFFSET:LEN of the file (sizes like 2MiB allowed); repeatable. None: the build's recorded
+    /// OFFSET:LENGTH of the file (sizes like 2MiB allowed); repeatable. None: the build's recorded
     /// prefetch plan.
-    #[arg(long = "range", value_name = "OFFSET:LEN", value_parser = parse_range)]
-    pub ranges: Vec<[u64; 2]>,
+    #[arg(long = "range", value_name = "OFFSET:LENGTH", value_parser = parse_range)]
+    pub ranges: Vec<(u64, u64)>,
 }
 
-fn parse_range(s: &str) -> Result<[u64; 2], String> {
+/// `thaw ctl add` arguments.
+#[derive(Debug, Args)]
+pub struct AddArgs {
+    /// The export name (unique, non-empty).
+    pub name: String,
+    /// The build to serve.
+    #[arg(long, value_name = "UUID")]
+    pub build: BuildId,
+    /// rootfs.ext4 or memfile.
+    #[arg(long, default_value = "rootfs.ext4")]
+    pub file: String,
+    /// Refuse writes (no overlay).
+    #[arg(long)]
+    pub read_only: bool,
+}
+
+/// `thaw ctl remove` arguments.
+#[derive(Debug, Args)]
+pub struct RemoveArgs {
+    /// The export name.
+    pub name: String,
+    /// Remove it even if its overlay holds writes no snapshot stored (they are lost).
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// `thaw ctl prefetch` arguments.
+#[derive(Debug, Args)]
+pub struct PrefetchArgs {
+    /// The export name.
+    pub name: String,
+    /// A byte range OFFSET:LENGTH to warm (sizes like 4MiB accepted; repeatable).
+    #[arg(long = "range", value_name = "OFFSET:LENGTH", value_parser = parse_range)]
+    pub ranges: Vec<(u64, u64)>,
+}
+
+fn parse_range(s: &str) -> Result<(u64, u64), String> {
     let (o, l) = s
         .split_once(':')
-        .ok_or_else(|| format!("{s:?}: expected OFFSET:LEN"))?;
-    Ok([parse_size(o)?, parse_size(l)?])
+        .ok_or_else(|| format!("{s:?}: expected OFFSET:LENGTH"))?;
+    Ok((parse_size(o)?, parse_size(l)?))
 }
 
 /// What every snapshot request says about the new layer.
@@ -195,6 +240,40 @@ fn parse_after(s: &str) -> Result<After, String> {
 pub fn run(args: &CtlArgs) -> anyhow::Result<()> {
     let (status, body) = match &args.action {
         CtlAction::Exports => call(&args.control, "GET", "/v1/exports", None)?,
+        CtlAction::Add(a) => {
+            let req = AddRequest {
+                name: a.name.clone(),
+                build: a.build,
+                file: Some(a.file.clone()),
+                read_only: a.read_only,
+                attach: None,
+            };
+            call(
+                &args.control,
+                "POST",
+                "/v1/exports",
+                Some(serde_json::to_vec(&req).context("encoding the request")?),
+            )?
+        }
+        CtlAction::Remove(r) => {
+            let mut uri = format!("/v1/exports/{}", percent_path(&r.name));
+            if r.force {
+                uri.push_str("?force=true");
+            }
+            call(&args.control, "DELETE", &uri, None)?
+        }
+        CtlAction::Prefetch(p) => {
+            let req = PrefetchRequest {
+                offsets: (!p.ranges.is_empty()).then(|| p.ranges.clone()),
+            };
+            let uri = format!("/v1/exports/{}/prefetch", percent_path(&p.name));
+            call(
+                &args.control,
+                "POST",
+                &uri,
+                Some(serde_json::to_vec(&req).context("encoding the request")?),
+            )?
+        }
         CtlAction::Memory => call(&args.control, "GET", "/v1/memory", None)?,
         CtlAction::MemorySnapshot(s) => {
             let req = s.layer.request(None, None);
@@ -240,7 +319,7 @@ pub fn run(args: &CtlArgs) -> anyhow::Result<()> {
             )?
         }
         CtlAction::HandlerPrefetch(a) => {
-            let req = crate::control::PrefetchRequest {
+            let req = crate::control::HandlerPrefetchRequest {
                 offsets: (!a.ranges.is_empty()).then(|| a.ranges.clone()),
             };
             let uri = format!("/v1/handlers/{}/prefetch", percent_path(&a.name));

@@ -190,7 +190,8 @@ pub struct ServeArgs {
     pub max_inflight: u64,
 
     /// Serve the control API (HTTP/1.1 + JSON, docs/control-api.yaml) on this unix socket:
-    /// list the exports, snapshot a writable export's changes into a new layer (`thaw ctl`).
+    /// list, add, remove and prefetch exports, snapshot a writable export's changes into a new
+    /// layer (`thaw ctl`). With it the server may start with no export.
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
 }
@@ -265,9 +266,17 @@ pub fn open_exports(
     Ok(out)
 }
 
-/// Prints one line per export and listener: `export NAME URI`.
+/// Prints one line per listener (`listen URI`, the URI without an export name) and one per
+/// export and listener (`export NAME URI`), then `ready`.
 pub fn print_uris(server: &Server) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
+    for a in server.addresses() {
+        let base = match a {
+            crate::nbd::BoundAddr::Tcp(t) => format!("nbd://{t}"),
+            crate::nbd::BoundAddr::Unix(p) => format!("nbd+unix:///?socket={}", p.display()),
+        };
+        writeln!(out, "listen {base}")?;
+    }
     for e in server.exports() {
         for a in server.addresses() {
             writeln!(out, "export {:?} {}", e.config.name, a.uri(&e.config.name))?;
@@ -319,8 +328,11 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         }],
         None => args.exports.clone(),
     };
-    if specs.is_empty() {
-        bail!("nothing to serve: give --build ID or --export NAME=BUILD[:FILE]");
+    if specs.is_empty() && args.control.is_none() {
+        bail!(
+            "nothing to serve: give --build ID or --export NAME=BUILD[:FILE] (or --control PATH \
+             to add exports at runtime)"
+        );
     }
     let attach_to = attach_targets(&args.attach, &specs)?;
     if !attach_to.is_empty() && args.nbd_timeout <= args.engine.fetch_deadline {
@@ -382,7 +394,16 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         Some(path) => Some(crate::control::ControlServer::start(
             path,
             Arc::new(crate::control::ControlContext {
-                exports: server.exports().to_vec(),
+                exports: Some(crate::control::ServeExports::new(
+                    server.export_set(),
+                    Arc::clone(&engine),
+                    overlay_dir.path().to_path_buf(),
+                    attached
+                        .iter()
+                        .map(|a| (a.export().to_string(), a.device()))
+                        .collect(),
+                    args.drain_timeout,
+                )),
                 store: Arc::clone(engine.store()),
                 memory: None,
             }),

@@ -122,7 +122,7 @@ pub fn run(args: &UffdArgs) -> anyhow::Result<()> {
             let c = crate::control::ControlServer::start(
                 path,
                 Arc::new(crate::control::ControlContext {
-                    exports: Vec::new(),
+                    exports: None,
                     store: Arc::clone(engine.store()),
                     memory: Some(Arc::clone(&handlers)),
                 }),
@@ -179,7 +179,7 @@ fn run_handlers(
     let c = crate::control::ControlServer::start(
         control,
         Arc::new(crate::control::ControlContext {
-            exports: Vec::new(),
+            exports: None,
             store: Arc::clone(engine.store()),
             memory: Some(Arc::clone(&handlers)),
         }),

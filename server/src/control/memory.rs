@@ -56,15 +56,15 @@ pub struct MemoryInfo {
 /// `POST /v1/handlers/{name}/prefetch`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct PrefetchRequest {
+pub struct HandlerPrefetchRequest {
     /// `[offset, len]` ranges of the file (absent: the build's recorded prefetch plan).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub offsets: Option<Vec<[u64; 2]>>,
+    pub offsets: Option<Vec<(u64, u64)>>,
 }
 
 /// The reply to a prefetch request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PrefetchReply {
+pub struct HandlerPrefetchReply {
     /// The handler.
     pub name: String,
     /// Pages queued (deduplicated); progress is in the handler's `prefetch` counters.
@@ -132,10 +132,13 @@ pub(super) async fn route_handlers(
         (&Method::POST, [name, "prefetch"]) => {
             let name = (*name).to_string();
             handler(&handlers, &name)?;
-            let body = read_json::<PrefetchRequest>(req).await?;
+            let body = read_json::<HandlerPrefetchRequest>(req).await?;
             let n = name.clone();
             let pages = blocking(move || handlers.prefetch(&n, body.offsets.as_deref())).await?;
-            Ok(json(StatusCode::ACCEPTED, &PrefetchReply { name, pages }))
+            Ok(json(
+                StatusCode::ACCEPTED,
+                &HandlerPrefetchReply { name, pages },
+            ))
         }
         (_, [] | [_] | [_, "snapshot" | "prefetch"]) => Err(not_allowed(&method, &path)),
         _ => Err(super::not_found(&path)),

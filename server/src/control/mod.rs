@@ -4,7 +4,13 @@
 //! `docs/control-api.yaml` (OpenAPI 3).
 //!
 //! - `GET /v1/exports`: every export with its build, size, state (`serving`, `snapshotting`,
-//!   `closed`) and overlay counters.
+//!   `closed`), overlay counters, connections and prefetch progress.
+//! - `POST /v1/exports` with `{name, build, file?, read_only?}`: adds an export (201).
+//! - `DELETE /v1/exports/{name}[?force=true]`: removes one (its connections drain and close,
+//!   its overlay file is deleted); refused (409) while it holds writes no snapshot stored,
+//!   unless forced.
+//! - `POST /v1/exports/{name}/prefetch` with `{offsets?}`: warms byte ranges (or a memfile's
+//!   recorded plan) in the background (202).
 //! - `POST /v1/exports/{name}/snapshot` with `{new_build_id, to?, codec?, frame_size?,
 //!   header_version?, writes?, after?}`: holds the export's writes back (`writes`: `wait`, the
 //!   default, or `refuse`), exports the overlay over the served build as `new_build_id`
@@ -29,15 +35,18 @@ use thaw_codec::BuildId;
 use tokio::sync::oneshot;
 
 use crate::export::Exported;
-use crate::nbd::{Export, HeldWrites};
+use crate::nbd::HeldWrites;
 use crate::store::Store;
 use crate::writer::WriteOptions;
 
 mod exports;
 mod memory;
 
-pub use exports::{After, ExportInfo};
-pub use memory::{MemoryInfo, PrefetchReply, PrefetchRequest};
+pub use exports::{
+    AddRequest, After, ExportInfo, PrefetchInfo, PrefetchReply, PrefetchRequest, RemoveReply,
+    ServeExports,
+};
+pub use memory::{HandlerPrefetchReply, HandlerPrefetchRequest, MemoryInfo};
 
 /// Largest request body accepted.
 const MAX_BODY: usize = 64 * 1024;
@@ -45,8 +54,8 @@ const MAX_BODY: usize = 64 * 1024;
 /// What the control API works on.
 #[derive(Debug)]
 pub struct ControlContext {
-    /// The served exports.
-    pub exports: Vec<Arc<Export>>,
+    /// The NBD exports of `thaw serve` (`None` in `thaw uffd`).
+    pub exports: Option<ServeExports>,
     /// The store the exports are served from: the default destination of snapshots.
     pub store: Arc<dyn Store>,
     /// The UFFD handlers of `thaw uffd`, if this is that process (`/v1/handlers`; `/v1/memory`

@@ -780,8 +780,8 @@ pub fn attach(
     export_index: usize,
     opts: &AttachOptions,
 ) -> anyhow::Result<Attached> {
-    let export = server
-        .exports()
+    let exports = server.exports();
+    let export = exports
         .get(export_index)
         .with_context(|| format!("no export #{export_index}"))?;
     if opts.connections == 0 || opts.connections > MAX_CONNECTIONS {

@@ -26,7 +26,7 @@ use tokio::time::Instant;
 
 use super::io::{OutBuf, Reader, Stream};
 use super::overlay::{BaseBlocks, BlockState};
-use super::{Export, Shared};
+use super::{Export, ExportConnGuard, ExportSet, Shared};
 use crate::engine::{LayeredFile, ReadBuf, Segment};
 
 /// How long a connection still in the handshake may keep negotiating once the server shuts
@@ -49,10 +49,12 @@ const HEADER_CAP: usize = 32;
 /// tasks (its writer first): bounds how long a client pipelining hits keeps the worker.
 const INLINE_HITS_PER_YIELD: u32 = 32;
 
-/// Serves one connection to the end; the socket is shut down before returning.
+/// Serves one connection to the end; the socket is shut down before returning. The handshake
+/// offers the export set as it is now.
 pub(crate) async fn serve(stream: Stream, shared: Arc<Shared>, id: u64) {
     let mut shutdown = shared.shutdown.clone();
-    let (neg, reader) = match handshake(&stream, &shared, &mut shutdown, id).await {
+    let set = shared.current();
+    let (neg, reader) = match handshake(&stream, &shared, &set, &mut shutdown, id).await {
         Ok(Some(x)) => x,
         Ok(None) => {
             stream.shutdown();
@@ -64,37 +66,42 @@ pub(crate) async fn serve(stream: Stream, shared: Arc<Shared>, id: u64) {
             return;
         }
     };
-    transmit(stream, shared, id, neg, reader, shutdown).await;
+    let Some(export) = set.exports().get(neg.export_index).cloned() else {
+        stream.shutdown();
+        return;
+    };
+    drop(set);
+    transmit(stream, shared, id, neg, reader, export).await;
 }
 
-/// Serves a connection that starts in the transmission phase, as if a handshake had produced
-/// `neg` (kernel attach: the kernel's nbd client was configured over netlink with `neg`'s flags
-/// and speaks no handshake). The socket is shut down before returning.
+/// Serves a connection of `export` that starts in the transmission phase, as if a handshake had
+/// produced `neg` (kernel attach: the kernel's nbd client was configured over netlink with
+/// `neg`'s flags and speaks no handshake). The socket is shut down before returning.
 pub(crate) async fn serve_negotiated(
     stream: Stream,
     shared: Arc<Shared>,
     id: u64,
     neg: Negotiated,
+    export: Arc<Export>,
 ) {
-    let shutdown = shared.shutdown.clone();
     let reader = Reader::new(&[], 16 * 1024);
-    transmit(stream, shared, id, neg, reader, shutdown).await;
+    transmit(stream, shared, id, neg, reader, export).await;
 }
 
-/// The transmission phase, to the end of the connection.
+/// The transmission phase, to the end of the connection. It ends early (in-flight requests
+/// finish, then the socket closes) when the export's stop signal rises: the export was removed
+/// or the server shuts down.
 async fn transmit(
     stream: Stream,
     shared: Arc<Shared>,
     id: u64,
     neg: Negotiated,
     mut reader: Reader,
-    mut shutdown: watch::Receiver<bool>,
+    export: Arc<Export>,
 ) {
     shared.counters.bump_negotiated();
-    let Some(export) = shared.exports.get(neg.export_index).cloned() else {
-        stream.shutdown();
-        return;
-    };
+    let _counted = ExportConnGuard::new(&export);
+    let mut shutdown = export.stop.subscribe();
     tracing::debug!(conn = id, export = %neg.export_name, "nbd: transmission");
     let conn = Rc::new(Conn {
         stream,
@@ -178,10 +185,11 @@ fn log_io(id: u64, phase: &str, e: &io::Error) {
 async fn handshake(
     stream: &Stream,
     shared: &Shared,
+    set: &ExportSet,
     shutdown: &mut watch::Receiver<bool>,
     id: u64,
 ) -> io::Result<Option<(Negotiated, Reader)>> {
-    let mut hs = ServerHandshake::new(shared.handshake.clone()).map_err(io::Error::other)?;
+    let mut hs = ServerHandshake::new(set.handshake.clone()).map_err(io::Error::other)?;
     let mut shutting = *shutdown.borrow();
     if shutting {
         hs.shutdown();
@@ -431,7 +439,7 @@ async fn request_loop(
         if req.command == Command::Write {
             metrics::counter!("thaw_nbd_write_bytes_total").increment(u64::from(req.length));
         }
-        let started = std::time::Instant::now();
+        let started = crate::metrics::start_timer();
         if req.command == Command::Read
             && let Some(reply) = conn.read_hit(&req)
         {
@@ -439,8 +447,10 @@ async fn request_loop(
             conn.shared.counters.bump_read_bytes(u64::from(req.length));
             metrics::counter!("thaw_nbd_read_bytes_total").increment(u64::from(req.length));
             conn.queue_reply(reply);
-            metrics::histogram!(crate::metrics::REQUEST_DURATION, "cmd" => cmd)
-                .record(started.elapsed().as_secs_f64());
+            if let Some(t) = started {
+                metrics::histogram!(crate::metrics::REQUEST_DURATION, "cmd" => cmd)
+                    .record(t.elapsed().as_secs_f64());
+            }
             conn.hold(permit);
             inline_hits += 1;
             if inline_hits >= INLINE_HITS_PER_YIELD {
@@ -452,8 +462,10 @@ async fn request_loop(
         let c = Rc::clone(conn);
         tokio_uring::spawn(async move {
             handle(&c, req, payload).await;
-            metrics::histogram!(crate::metrics::REQUEST_DURATION, "cmd" => cmd)
-                .record(started.elapsed().as_secs_f64());
+            if let Some(t) = started {
+                metrics::histogram!(crate::metrics::REQUEST_DURATION, "cmd" => cmd)
+                    .record(t.elapsed().as_secs_f64());
+            }
             c.hold(permit);
         });
     }

@@ -17,6 +17,12 @@
 //! Shutdown ([`Server::shutdown`]): listeners close, connections in the handshake get
 //! `ERR_SHUTDOWN` for their next options (for a short grace), connections in transmission stop
 //! reading, finish their in-flight requests and close. See `docs/nbd-server.md`.
+//!
+//! The export set is dynamic ([`Exports`]): exports are added and removed while connections run.
+//! A connection's handshake works on the set as it was when the connection arrived (an
+//! `Arc<ExportSet>` taken once); a connection in transmission holds its [`Export`] and reads no
+//! shared state per request. Removing an export stops its connections the way shutdown does
+//! (each export has its own stop signal, which shutdown raises on every export).
 
 pub mod attach;
 mod conn;
@@ -27,8 +33,8 @@ pub mod overlay;
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -68,6 +74,14 @@ pub struct Export {
     pub overlay: Option<Arc<Overlay>>,
     /// Holds writes back while the export is snapshotted (pause).
     pub gate: WriteGate,
+    /// Raised when the export is removed or the server shuts down: its connections stop
+    /// reading requests, finish the ones in flight and close.
+    stop: watch::Sender<bool>,
+    /// Connections in transmission on this export.
+    connections: AtomicUsize,
+    /// The overlay generation ([`Overlay::settled_generation`]) a snapshot last stored: the
+    /// overlay holds unsaved changes while its generation differs.
+    saved_generation: AtomicU64,
 }
 
 impl Export {
@@ -130,7 +144,182 @@ impl Export {
             file,
             overlay,
             gate: WriteGate::default(),
+            stop: watch::Sender::new(false),
+            connections: AtomicUsize::new(0),
+            saved_generation: AtomicU64::new(0),
         })
+    }
+
+    /// Connections in transmission on this export (kernel attach connections included).
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::Acquire)
+    }
+
+    /// Whether the export was stopped (removed, or the server shuts down).
+    pub fn is_stopped(&self) -> bool {
+        *self.stop.borrow()
+    }
+
+    /// Records that a snapshot stored the overlay as of `generation` (read with
+    /// [`Overlay::settled_generation`] while the write gate was held).
+    pub fn mark_saved(&self, generation: u64) {
+        self.saved_generation.store(generation, Ordering::Release);
+    }
+
+    /// Whether the overlay holds writes no snapshot stored: its generation moved since the last
+    /// [`mark_saved`](Self::mark_saved) (a fresh overlay is at generation 0, so an export never
+    /// written is clean). Read-only exports never are. Exact only while the write gate is held.
+    pub fn has_unsaved_changes(&self) -> bool {
+        self.overlay.as_ref().is_some_and(|ov| {
+            ov.settled_generation() != self.saved_generation.load(Ordering::Acquire)
+        })
+    }
+
+    /// Stops the export's connections (sticky: connections that start later stop at once).
+    fn raise_stop(&self) {
+        self.stop.send_replace(true);
+    }
+}
+
+/// Counts a connection in transmission on its export while alive.
+pub(crate) struct ExportConnGuard(Arc<Export>);
+
+impl ExportConnGuard {
+    pub(crate) fn new(export: &Arc<Export>) -> Self {
+        export.connections.fetch_add(1, Ordering::AcqRel);
+        Self(Arc::clone(export))
+    }
+}
+
+impl Drop for ExportConnGuard {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The exports at one moment, with the handshake configuration that offers them.
+#[derive(Debug)]
+pub struct ExportSet {
+    exports: Vec<Arc<Export>>,
+    handshake: HandshakeConfig,
+}
+
+impl ExportSet {
+    /// `exports` (names unique, checked), with `default` as the export an empty name selects
+    /// when it is in the set.
+    fn new(exports: Vec<Arc<Export>>, default: Option<&str>) -> anyhow::Result<Self> {
+        let mut handshake =
+            HandshakeConfig::new(exports.iter().map(|e| e.config.clone()).collect());
+        handshake.default_export = default
+            .filter(|d| exports.iter().any(|e| e.config.name == *d))
+            .map(str::to_string);
+        // Validates names (unique) and limits up front.
+        thaw_codec::nbd::ServerHandshake::new(handshake.clone()).context("export set")?;
+        Ok(Self { exports, handshake })
+    }
+
+    /// The exports, in the order they were added.
+    pub fn exports(&self) -> &[Arc<Export>] {
+        &self.exports
+    }
+
+    /// The export named `name`.
+    pub fn get(&self, name: &str) -> Option<&Arc<Export>> {
+        self.exports.iter().find(|e| e.config.name == name)
+    }
+}
+
+/// Why an export could not be added.
+#[derive(Debug)]
+pub enum AddError {
+    /// An export of that name is served.
+    Duplicate(String),
+    /// The server is shutting down.
+    Stopping,
+    /// The export cannot be offered (a name over 4096 bytes, say).
+    Invalid(anyhow::Error),
+}
+
+impl std::fmt::Display for AddError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Duplicate(n) => write!(f, "an export named {n:?} is already served"),
+            Self::Stopping => f.write_str("the server is shutting down"),
+            Self::Invalid(e) => write!(f, "{e:#}"),
+        }
+    }
+}
+
+impl std::error::Error for AddError {}
+
+/// The dynamic export set of a running [`Server`] (cheap to clone; the control API holds one).
+#[derive(Debug, Clone)]
+pub struct Exports {
+    shared: Arc<Shared>,
+}
+
+impl Exports {
+    /// The current set.
+    pub fn current(&self) -> Arc<ExportSet> {
+        self.shared.current()
+    }
+
+    /// Adds `export` (new handshakes see it at once) and returns it.
+    ///
+    /// # Errors
+    /// [`AddError`]: the name is taken, the server is stopping, the export is invalid.
+    pub fn add(&self, export: Export) -> Result<Arc<Export>, AddError> {
+        let mut slot = self
+            .shared
+            .exports
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        if *self.shared.shutdown.borrow() {
+            return Err(AddError::Stopping);
+        }
+        if slot.get(&export.config.name).is_some() {
+            return Err(AddError::Duplicate(export.config.name.clone()));
+        }
+        let export = Arc::new(export);
+        let mut list = slot.exports.clone();
+        list.push(Arc::clone(&export));
+        *slot = Arc::new(
+            ExportSet::new(list, self.shared.default_export.as_deref())
+                .map_err(AddError::Invalid)?,
+        );
+        tracing::info!(export = %export.config.name, "nbd: export added");
+        Ok(export)
+    }
+
+    /// Removes the export named `name` from the set (new handshakes no longer see it) and stops
+    /// its connections: each stops reading requests, finishes the ones in flight and closes.
+    /// Returns the export (its connections may still be draining: [`Export::connections`]);
+    /// `None` when no export has that name.
+    pub fn remove(&self, name: &str) -> Option<Arc<Export>> {
+        let mut slot = self
+            .shared
+            .exports
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        let export = Arc::clone(slot.get(name)?);
+        let list: Vec<Arc<Export>> = slot
+            .exports
+            .iter()
+            .filter(|e| !Arc::ptr_eq(e, &export))
+            .cloned()
+            .collect();
+        // A subset of a valid set is valid; the fallback keeps the old set, never panics.
+        match ExportSet::new(list, self.shared.default_export.as_deref()) {
+            Ok(set) => *slot = Arc::new(set),
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "nbd: export set after a removal");
+                return None;
+            }
+        }
+        drop(slot);
+        export.raise_stop();
+        tracing::info!(export = name, "nbd: export removed");
+        Some(export)
     }
 }
 
@@ -265,12 +454,21 @@ impl ServerCounters {
 /// What every connection shares.
 #[derive(Debug)]
 pub(crate) struct Shared {
-    exports: Vec<Arc<Export>>,
-    handshake: HandshakeConfig,
+    /// The current export set: replaced whole by an add or a remove; a handshake clones the
+    /// `Arc` once.
+    exports: RwLock<Arc<ExportSet>>,
+    /// The export an empty name selects while it is served (the first one given at start).
+    default_export: Option<String>,
     handshake_timeout: Duration,
     max_inflight_bytes: u64,
     shutdown: watch::Receiver<bool>,
     counters: Arc<ServerCounters>,
+}
+
+impl Shared {
+    pub(crate) fn current(&self) -> Arc<ExportSet> {
+        Arc::clone(&self.exports.read().unwrap_or_else(PoisonError::into_inner))
+    }
 }
 
 /// A running server. [`Server::shutdown`] (or drop) stops it.
@@ -281,7 +479,6 @@ pub struct Server {
     acceptors: Vec<Acceptor>,
     live: Arc<AtomicUsize>,
     bound: Vec<BoundAddr>,
-    exports: Vec<Arc<Export>>,
     counters: Arc<ServerCounters>,
     shared: Arc<Shared>,
     next_id: Arc<AtomicU64>,
@@ -311,19 +508,17 @@ enum Accepted {
 }
 
 impl Server {
-    /// Binds every listener and starts serving `exports` (the first is the default export).
+    /// Binds every listener and starts serving `exports` (the first is the default export:
+    /// what an empty name selects while it is served). The set may be empty; [`Server::exports`]
+    /// adds and removes exports later.
     ///
     /// # Errors
-    /// No export; invalid export set (duplicate names); a listener that cannot be bound; the
-    /// runtime cannot start.
+    /// Invalid export set (duplicate names); a listener that cannot be bound; the runtime cannot
+    /// start.
     pub fn start(exports: Vec<Export>, opts: &ServeOptions) -> anyhow::Result<Self> {
-        if exports.is_empty() {
-            bail!("no export to serve");
-        }
         let exports: Vec<Arc<Export>> = exports.into_iter().map(Arc::new).collect();
-        let handshake = HandshakeConfig::new(exports.iter().map(|e| e.config.clone()).collect());
-        // Validates names (unique) and limits up front.
-        thaw_codec::nbd::ServerHandshake::new(handshake.clone()).context("export set")?;
+        let default_export = exports.first().map(|e| e.config.name.clone());
+        let set = ExportSet::new(exports, default_export.as_deref())?;
         let runtime = Runtime::builder()
             .workers(opts.workers)
             .shutdown_grace(Duration::from_secs(2))
@@ -332,8 +527,8 @@ impl Server {
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let counters = Arc::new(ServerCounters::default());
         let shared = Arc::new(Shared {
-            exports: exports.clone(),
-            handshake,
+            exports: RwLock::new(Arc::new(set)),
+            default_export,
             handshake_timeout: opts.handshake_timeout,
             max_inflight_bytes: opts.max_inflight_bytes,
             shutdown: shutdown_rx,
@@ -350,7 +545,6 @@ impl Server {
             acceptors: Vec::new(),
             live: Arc::clone(&live),
             bound: Vec::new(),
-            exports,
             counters,
             shared: Arc::clone(&shared),
             next_id: Arc::clone(&next_id),
@@ -386,9 +580,16 @@ impl Server {
         &self.bound
     }
 
-    /// The exports.
-    pub fn exports(&self) -> &[Arc<Export>] {
-        &self.exports
+    /// The exports served now.
+    pub fn exports(&self) -> Vec<Arc<Export>> {
+        self.shared.current().exports.clone()
+    }
+
+    /// The dynamic export set: add and remove exports while the server runs.
+    pub fn export_set(&self) -> Exports {
+        Exports {
+            shared: Arc::clone(&self.shared),
+        }
     }
 
     /// Counters.
@@ -396,17 +597,17 @@ impl Server {
         &self.counters
     }
 
-    /// Serves `stream` as a connection of export `neg.export_index` that starts in the
+    /// Serves `stream` as a connection of export `neg.export_name` that starts in the
     /// transmission phase with `neg`'s flags (no handshake): the server end of a socketpair whose
     /// other end the kernel's nbd driver uses (kernel attach, [`attach`]). The connection counts
-    /// as live and drains on [`Server::shutdown`] like any other.
+    /// as live and drains on [`Server::shutdown`] (or the export's removal) like any other.
     ///
     /// # Errors
     /// No such export; the server is stopping (no worker takes the connection).
     pub fn serve_negotiated(&self, stream: UnixStream, neg: Negotiated) -> anyhow::Result<()> {
-        if neg.export_index >= self.exports.len() {
-            bail!("no export #{}", neg.export_index);
-        }
+        let Some(export) = self.shared.current().get(&neg.export_name).cloned() else {
+            bail!("no export named {:?}", neg.export_name);
+        };
         let Some(rt) = self.runtime.as_ref() else {
             bail!("the server is stopped");
         };
@@ -420,7 +621,7 @@ impl Server {
             id,
             worker,
             Accepted::Unix(stream),
-            Some(neg),
+            Some((neg, export)),
         )
         .map_err(|e| anyhow::anyhow!("no worker for the connection: {e}"))
     }
@@ -439,6 +640,18 @@ impl Server {
 
     fn stop(&mut self, grace: Duration) -> usize {
         let _ = self.shutdown_tx.send(true);
+        {
+            // Under the write lock: an add either finished before (its export is stopped here)
+            // or sees the shutdown flag and is refused.
+            let set = self
+                .shared
+                .exports
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            for e in set.exports() {
+                e.raise_stop();
+            }
+        }
         for a in &mut self.acceptors {
             a.stop.store(true, Ordering::Release);
             wake(&a.addr);
@@ -600,7 +813,7 @@ fn spawn_conn(
     id: u64,
     worker: usize,
     stream: Accepted,
-    neg: Option<Negotiated>,
+    neg: Option<(Negotiated, Arc<Export>)>,
 ) -> Result<(), TaskError> {
     shared.counters.connections.fetch_add(1, Ordering::Relaxed);
     live.fetch_add(1, Ordering::AcqRel);
@@ -617,7 +830,7 @@ fn spawn_conn(
         tracing::debug!(conn = id, worker, kernel = neg.is_some(), "nbd: connection");
         match neg {
             None => conn::serve(stream, shared, id).await,
-            Some(neg) => conn::serve_negotiated(stream, shared, id, neg).await,
+            Some((neg, export)) => conn::serve_negotiated(stream, shared, id, neg, export).await,
         }
     });
     spawned.map(drop)

@@ -116,8 +116,10 @@ impl Overlay {
             ));
         }
         std::fs::create_dir_all(dir)?;
+        // At most 64 characters of the name: the file name stays within NAME_MAX.
         let safe: String = name
             .chars()
+            .take(64)
             .map(|c| {
                 if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
                     c

@@ -1,7 +1,7 @@
 //! The local directory store (`file:///abs/dir`), laid out exactly as e2b's FS backend:
 //! objects are plain files at their key below the root; a compressed object's
 //! `uncompressed-size` metadata is the sidecar `<object>.uncompressed-size` (decimal text),
-//! written after the object itself.
+//! written just before the object itself (see `write_sidecar`).
 //!
 //! Writes are atomic: data goes to `<final>.tmp.<uuid>` in the same directory, is fsynced and
 //! renamed into place, and the directory is fsynced. Reads use positioned reads (`pread`).
@@ -111,7 +111,11 @@ impl FileStore {
         pending.finish(self, key)
     }
 
-    /// After the data object is in place: writes (or removes a stale) sidecar.
+    /// Before the data object is put in place: writes (or removes a stale) sidecar. Sidecar
+    /// first (e2b's FS backend writes it after the data): a plain data object thaw stored with
+    /// a header carries `uncompressed-size`, which tells it from a headerless legacy build
+    /// ([`crate::layout::load_header`]), so it must never be visible without it. A crash in
+    /// between leaves a sidecar without data, which reads as no object.
     fn write_sidecar(&self, key: &str, opts: &PutOptions) -> Result<(), StoreError> {
         let sidecar_key = thaw_codec::names::uncompressed_size_sidecar(key);
         let sidecar = self.path(&sidecar_key)?;
@@ -269,8 +273,8 @@ impl Store for FileStore {
 
     fn put(&self, key: &str, data: &[u8], opts: &PutOptions) -> Result<(), StoreError> {
         let path = self.path(key)?;
-        self.write_atomic(key, &path, data)?;
-        self.write_sidecar(key, opts)
+        self.write_sidecar(key, opts)?;
+        self.write_atomic(key, &path, data)
     }
 
     fn create(&self, key: &str, opts: &PutOptions) -> Result<Box<dyn ObjectWriter>, StoreError> {
@@ -401,8 +405,8 @@ impl ObjectWriter for FileObjectWriter {
                 "object writer already committed",
             ));
         };
-        pending.finish(&self.store, &self.key)?;
-        self.store.write_sidecar(&self.key, &self.opts)
+        self.store.write_sidecar(&self.key, &self.opts)?;
+        pending.finish(&self.store, &self.key)
     }
 
     fn written(&self) -> u64 {
