@@ -13,7 +13,7 @@
 //! - [`nbd`]: the NBD server (`thaw serve`) and its copy-on-write overlay; [`metrics`]: the
 //!   Prometheus endpoint;
 //! - [`uffd`]: the UFFD memory handler over the engine ([`uffd::EngineSource`],
-//!   [`uffd::serve_uffd`]);
+//!   [`uffd::serve_uffd`]); [`handlers`]: UFFD handlers started and stopped at runtime;
 //! - [`cli`]: the `thaw` subcommands.
 
 pub mod cache;
@@ -23,6 +23,7 @@ pub mod control;
 pub mod engine;
 pub mod export;
 pub mod flatten;
+pub mod handlers;
 pub mod layout;
 pub mod metrics;
 pub mod nbd;

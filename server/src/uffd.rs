@@ -24,7 +24,7 @@
 //! all wait on the same frame and fetch frames one at a time.
 
 use std::os::fd::OwnedFd;
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
@@ -35,7 +35,7 @@ use thaw_codec::{BuildId, FileKind};
 use thaw_uffd::{
     Exit, FaultHandler, FetchDone, FetchError, HandlerConfig, HandshakeConfig, Lookup,
     MetricsSnapshot, PAGE_BUF_ALIGN, PageBuf, PageSource, PeerCred, Prefault, Prefaulter,
-    UffdError,
+    RegionMap, UffdError,
 };
 
 use crate::engine::{Engine, EngineStats, LayeredFile, PrefetchPlan, load_prefetch_plan};
@@ -500,14 +500,78 @@ impl BlockSource for MemfdSource {
     }
 }
 
+/// The peer's address space as a [`BlockSource`] (Firecracker sent no memfd): a memfile offset
+/// is translated through the handshake's regions (`offset..offset + size` of the file is
+/// `base_host_virt_addr..` in the peer) and read with `process_vm_readv`. A read crossing regions
+/// is split; an offset no region maps, a partial read or a dead peer is an error. The fault loop
+/// must still be running: once the peer is gone its pid may name another process, so the state
+/// is checked before and after each read.
+struct PeerMemorySource<'a> {
+    pid: i32,
+    regions: &'a RegionMap,
+    handler: &'a FaultHandler<EngineSource>,
+}
+
+impl PeerMemorySource<'_> {
+    fn gone(&self) -> std::io::Error {
+        std::io::Error::new(
+            std::io::ErrorKind::NotConnected,
+            format!(
+                "the peer (pid {}) is gone: its memory cannot be read without a memfd",
+                self.pid
+            ),
+        )
+    }
+}
+
+impl BlockSource for PeerMemorySource<'_> {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        if self.handler.is_finished() {
+            return Err(self.gone());
+        }
+        let mut done = 0usize;
+        while done < buf.len() {
+            let at = offset.saturating_add(done as u64);
+            let Some(r) = self
+                .regions
+                .regions()
+                .iter()
+                .find(|r| at >= r.offset && at - r.offset < r.size)
+            else {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("memfile offset {at:#x} is in none of the peer's regions"),
+                ));
+            };
+            let in_region = at - r.offset;
+            let n = usize::try_from(r.size - in_region)
+                .unwrap_or(usize::MAX)
+                .min(buf.len() - done);
+            thaw_uffd::read_process_memory(
+                self.pid,
+                r.base_host_virt_addr.saturating_add(in_region),
+                &mut buf[done..done + n],
+            )?;
+            done += n;
+        }
+        if self.handler.is_finished() {
+            return Err(self.gone());
+        }
+        Ok(())
+    }
+}
+
 /// A VM being served by [`serve_uffd`].
 pub struct UffdServer {
     handler: FaultHandler<EngineSource>,
     source: Arc<EngineSource>,
     prefetch: Option<Prefetcher>,
+    /// Prefetches started later (`POST /v1/handlers/{name}/prefetch`).
+    extra_prefetch: Mutex<Vec<Prefetcher>>,
     engine: Engine,
     peer: PeerCred,
     memfd: Option<OwnedFd>,
+    regions: RegionMap,
     started: Instant,
 }
 
@@ -572,9 +636,13 @@ impl UffdServer {
     /// last, idempotent by build id). The VM must be paused: pages written during the export
     /// would make the diff inconsistent.
     ///
+    /// Without a memfd (Firecracker started without `use_memfd`), the dirty pages are read from
+    /// the peer's address space with `process_vm_readv` through the handshake's regions: the peer
+    /// must still be running (a VM that went away can only be exported from its memfd).
+    ///
     /// # Errors
-    /// No memfd (Firecracker started without `use_memfd`; `process_vm_readv` of the peer is not
-    /// implemented), and everything [`export_layer`] fails with.
+    /// No memfd and the peer is gone or its memory cannot be read (partial read, unmapped
+    /// address, no ptrace rights), and everything [`export_layer`] fails with.
     pub fn export_memory(
         &self,
         store: &dyn crate::store::Store,
@@ -582,30 +650,91 @@ impl UffdServer {
         opts: &crate::writer::WriteOptions,
     ) -> anyhow::Result<Exported> {
         let file = self.source.file();
-        let memfd = self.memfd.as_ref().with_context(|| {
-            format!(
-                "exporting the memory of build {} as {new_build}: the peer sent no memfd (start \
-                 Firecracker with use_memfd; reading the peer's memory with process_vm_readv is \
-                 not implemented)",
-                file.header().metadata.build_id
-            )
-        })?;
-        let memfd = std::fs::File::from(memfd.try_clone().context("duplicating the memfd")?);
+        let parent = file.header().metadata.build_id;
         let changes = self.memory_changes();
-        export_layer(
-            store,
-            FileKind::Memfile,
-            file.header(),
-            new_build,
-            &changes,
-            &MemfdSource(memfd),
-            opts,
-        )
+        let result = if let Some(memfd) = self.memfd.as_ref() {
+            let memfd = std::fs::File::from(memfd.try_clone().context("duplicating the memfd")?);
+            export_layer(
+                store,
+                FileKind::Memfile,
+                file.header(),
+                new_build,
+                &changes,
+                &MemfdSource(memfd),
+                opts,
+            )
+        } else {
+            let source = PeerMemorySource {
+                pid: self.peer.pid,
+                regions: &self.regions,
+                handler: &self.handler,
+            };
+            if self.handler.is_finished() {
+                return Err(anyhow::Error::new(source.gone()).context(format!(
+                    "exporting the memory of build {parent} as {new_build}"
+                )));
+            }
+            export_layer(
+                store,
+                FileKind::Memfile,
+                file.header(),
+                new_build,
+                &changes,
+                &source,
+                opts,
+            )
+        };
+        result.with_context(|| {
+            format!(
+                "exporting the memory of build {parent} as {new_build} (from the {})",
+                if self.memfd.is_some() {
+                    "memfd"
+                } else {
+                    "peer's address space"
+                }
+            )
+        })
     }
 
-    /// The prefetch's progress so far, if prefetching.
+    /// The guest memory layout Firecracker sent.
+    pub fn regions(&self) -> &RegionMap {
+        &self.regions
+    }
+
+    /// Starts warming and prefaulting `pages` (file offsets of guest pages, in order) in the
+    /// background, as the recorded plan is at start (pages the guest touched first are
+    /// skipped). Returns the number of pages queued.
+    pub fn start_prefetch(&self, pages: Vec<u64>, workers: usize) -> u64 {
+        let page = self.handler.page_size();
+        let n = pages.len() as u64;
+        let p = Prefetcher::start(self.source.file(), pages, page, workers);
+        p.set_target(Target::Ready(self.handler.prefaulter()));
+        self.extra_prefetch
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(p);
+        n
+    }
+
+    /// The prefetch's progress so far, if prefetching (the start's plan and every later
+    /// prefetch, summed).
     pub fn prefetch_progress(&self) -> Option<PrefetchReport> {
-        self.prefetch.as_ref().map(|p| p.counters.report())
+        let extra = self
+            .extra_prefetch
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut all = self.prefetch.iter().chain(extra.iter()).peekable();
+        all.peek()?;
+        Some(all.fold(PrefetchReport::default(), |a, p| {
+            let r = p.counters.report();
+            PrefetchReport {
+                total: a.total + r.total,
+                warmed: a.warmed + r.warmed,
+                prefaulted: a.prefaulted + r.prefaulted,
+                skipped: a.skipped + r.skipped,
+                failed: a.failed + r.failed,
+            }
+        }))
     }
 
     /// Whether the prefetch workers have all finished (true without prefetch).
@@ -630,18 +759,35 @@ impl UffdServer {
             mut handler,
             source,
             prefetch,
+            extra_prefetch,
             engine,
             peer,
             memfd,
+            regions: _,
             started,
         } = self;
         let result = handler.wait();
         let elapsed = started.elapsed();
         drop(memfd);
-        let prefetch = prefetch.map(|p| {
+        let extra = extra_prefetch
+            .into_inner()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut prefetch = prefetch.map(|p| {
             p.cancel();
             p.join()
         });
+        for p in extra {
+            p.cancel();
+            let r = p.join();
+            let a = prefetch.unwrap_or_default();
+            prefetch = Some(PrefetchReport {
+                total: a.total + r.total,
+                warmed: a.warmed + r.warmed,
+                prefaulted: a.prefaulted + r.prefaulted,
+                skipped: a.skipped + r.skipped,
+                failed: a.failed + r.failed,
+            });
+        }
         // Read after the prefetch stopped: its last prefaults are counted.
         let metrics = handler.metrics();
         UffdReport {
@@ -702,6 +848,37 @@ pub fn serve_file(
     listener: &UnixListener,
     options: &UffdOptions,
 ) -> anyhow::Result<UffdServer> {
+    prepare(engine, file, plan, options).accept(listener)
+}
+
+/// A VM's memory ready to be served, waiting for Firecracker's handshake: the file is open and
+/// the prefetch plan (if any) is being warmed. [`accept`](Self::accept) or
+/// [`receive`](Self::receive) the handshake to start the fault loop.
+pub struct PendingServer {
+    engine: Engine,
+    file: Arc<LayeredFile>,
+    prefetch: Option<Prefetcher>,
+    page_size: u64,
+    options: UffdOptions,
+}
+
+impl std::fmt::Debug for PendingServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingServer")
+            .field("size", &self.file.size())
+            .field("page_size", &self.page_size)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The first half of [`serve_file`]: starts warming `plan` and returns the server waiting for
+/// its handshake.
+pub fn prepare(
+    engine: &Engine,
+    file: Arc<LayeredFile>,
+    plan: Option<&PrefetchPlan>,
+    options: &UffdOptions,
+) -> PendingServer {
     let size = file.size();
     // The page size is only known from the handshake; the header's block size is the guest's
     // page size for e2b's memfiles, so warming starts with it and prefaults check it.
@@ -715,59 +892,105 @@ pub fn serve_file(
         );
         Prefetcher::start(&file, pages, page_size, options.prefetch_concurrency)
     });
-    let cfg = HandshakeConfig {
-        memfile_size: size,
-        timeout: options.handshake_timeout,
-        kill_peer_on_error: options.kill_peer_on_handshake_error,
-    };
-    let hs = match thaw_uffd::handshake::accept(listener, &cfg) {
-        Ok(hs) => hs,
-        Err(e) => {
-            if let Some(p) = prefetch {
-                p.cancel();
-                p.join();
-            }
-            return Err(anyhow::Error::new(e).context("UFFD handshake"));
-        }
-    };
-    let mut hs = hs;
-    let peer = hs.peer;
-    let guest_page = hs.regions.page_size();
-    let memfd = hs.memfd.take();
-    let source = Arc::new(EngineSource::new(file));
-    let handler = match FaultHandler::spawn(hs, Arc::clone(&source), options.handler.clone()) {
-        Ok(h) => h,
-        Err(e) => {
-            if let Some(p) = prefetch {
-                p.cancel();
-                p.join();
-            }
-            if options.handler.kill_peer_on_failure {
-                thaw_uffd::kill_peer(peer.pid);
-            }
-            return Err(anyhow::Error::new(e).context("starting the UFFD fault handler"));
-        }
-    };
-    if let Some(p) = &prefetch {
-        if guest_page == page_size {
-            p.set_target(Target::Ready(handler.prefaulter()));
-        } else {
-            // Warming still helps; prefaulting pages of another size would not match the plan.
-            tracing::warn!(
-                guest_page,
-                block_size = page_size,
-                "UFFD prefetch: the guest's page size differs from the memfile's block size; warming only"
-            );
-            p.set_target(Target::WarmOnly);
+    PendingServer {
+        engine: engine.clone(),
+        file,
+        prefetch,
+        page_size,
+        options: options.clone(),
+    }
+}
+
+impl PendingServer {
+    fn handshake_config(&self) -> HandshakeConfig {
+        HandshakeConfig {
+            memfile_size: self.file.size(),
+            timeout: self.options.handshake_timeout,
+            kill_peer_on_error: self.options.kill_peer_on_handshake_error,
         }
     }
-    Ok(UffdServer {
-        handler,
-        source,
-        prefetch,
-        engine: engine.clone(),
-        peer,
-        memfd,
-        started: Instant::now(),
-    })
+
+    /// Waits (up to the handshake timeout) for one peer on `listener`, then as
+    /// [`receive`](Self::receive).
+    ///
+    /// # Errors
+    /// As [`serve_uffd`].
+    pub fn accept(self, listener: &UnixListener) -> anyhow::Result<UffdServer> {
+        let hs = thaw_uffd::handshake::accept(listener, &self.handshake_config());
+        self.start(hs)
+    }
+
+    /// Receives the handshake on an accepted connection (within the handshake timeout) and
+    /// starts the fault loop.
+    ///
+    /// # Errors
+    /// As [`serve_uffd`].
+    pub fn receive(self, stream: UnixStream) -> anyhow::Result<UffdServer> {
+        let cfg = self.handshake_config();
+        let hs = thaw_uffd::handshake::receive(stream, Instant::now() + cfg.timeout, &cfg);
+        self.start(hs)
+    }
+
+    fn start(self, hs: thaw_uffd::Result<thaw_uffd::Handshake>) -> anyhow::Result<UffdServer> {
+        let Self {
+            engine,
+            file,
+            prefetch,
+            page_size,
+            options,
+        } = self;
+        let mut hs = match hs {
+            Ok(hs) => hs,
+            Err(e) => {
+                if let Some(p) = prefetch {
+                    p.cancel();
+                    p.join();
+                }
+                return Err(anyhow::Error::new(e).context("UFFD handshake"));
+            }
+        };
+        let peer = hs.peer;
+        let guest_page = hs.regions.page_size();
+        let regions = hs.regions.clone();
+        let memfd = hs.memfd.take();
+        let source = Arc::new(EngineSource::new(file));
+        let handler = match FaultHandler::spawn(hs, Arc::clone(&source), options.handler.clone()) {
+            Ok(h) => h,
+            Err(e) => {
+                if let Some(p) = prefetch {
+                    p.cancel();
+                    p.join();
+                }
+                if options.handler.kill_peer_on_failure {
+                    thaw_uffd::kill_peer(peer.pid);
+                }
+                return Err(anyhow::Error::new(e).context("starting the UFFD fault handler"));
+            }
+        };
+        if let Some(p) = &prefetch {
+            if guest_page == page_size {
+                p.set_target(Target::Ready(handler.prefaulter()));
+            } else {
+                // Warming still helps; prefaulting pages of another size would not match the
+                // plan.
+                tracing::warn!(
+                    guest_page,
+                    block_size = page_size,
+                    "UFFD prefetch: the guest's page size differs from the memfile's block size; warming only"
+                );
+                p.set_target(Target::WarmOnly);
+            }
+        }
+        Ok(UffdServer {
+            handler,
+            source,
+            prefetch,
+            extra_prefetch: Mutex::new(Vec::new()),
+            engine,
+            peer,
+            memfd,
+            regions,
+            started: Instant::now(),
+        })
+    }
 }

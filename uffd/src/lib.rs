@@ -28,7 +28,7 @@ pub use error::{ErrorKind, Result, UffdError};
 pub use handler::{Exit, FaultHandler, HandlerConfig, Prefault, Prefaulter};
 pub use handshake::{Handshake, HandshakeConfig, PeerCred};
 pub use metrics::MetricsSnapshot;
-pub use os::kill_peer;
+pub use os::{kill_peer, read_process_memory};
 pub use source::{FetchDone, FetchError, Lookup, PAGE_BUF_ALIGN, PageBuf, PageSource};
 pub use state::PageState;
 pub use thaw_codec::{RegionMap, UffdRegion};

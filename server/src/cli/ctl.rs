@@ -1,4 +1,5 @@
-//! `thaw ctl`: the command-line client of a running `thaw serve --control PATH`.
+//! `thaw ctl`: the command-line client of a running `thaw serve --control PATH` or
+//! `thaw uffd --control PATH`.
 
 use std::path::PathBuf;
 
@@ -12,14 +13,14 @@ use crate::nbd::HeldWrites;
 use super::parse_size;
 
 /// Long help of `thaw ctl`.
-pub const LONG_ABOUT: &str = "Talk to a running `thaw serve --control PATH` (HTTP/1.1 + JSON on a \
-unix socket; the API is in docs/control-api.yaml). Prints the JSON reply; exits non-zero with the \
+pub const LONG_ABOUT: &str = "Talk to a running `thaw serve --control PATH` or `thaw uffd --control \
+PATH` (HTTP/1.1 + JSON on a unix socket; the API is in docs/control-api.yaml). Prints the JSON reply; exits non-zero with the \
 server's error message when the request fails.";
 
 /// `thaw ctl` arguments.
 #[derive(Debug, Args)]
 pub struct CtlArgs {
-    /// The control socket of the server (`thaw serve --control PATH`).
+    /// The control socket of the server (`thaw serve|uffd --control PATH`).
     #[arg(long, value_name = "PATH")]
     pub control: PathBuf,
 
@@ -51,6 +52,70 @@ pub enum CtlAction {
     /// `thaw uffd --control`: store the guest's changed pages as a new memfile layer over the
     /// served build (pause the VM first). Idempotent by --new-build.
     MemorySnapshot(MemorySnapshotArgs),
+    /// `thaw uffd --control`: list the UFFD handlers: state, peer, counters, dirty/zero pages.
+    Handlers,
+    /// `thaw uffd --control`: start a handler: bind SOCKET and wait for Firecracker's handshake
+    /// in the background.
+    HandlerAdd(HandlerAddArgs),
+    /// `thaw uffd --control`: stop a handler (a serving one only once its VM is gone, or with
+    /// --force, which kills the VM).
+    HandlerRemove(HandlerRemoveArgs),
+    /// `thaw uffd --control`: store a handler's guest memory changes as a new memfile layer
+    /// (pause the VM first). Idempotent by --new-build.
+    HandlerSnapshot(HandlerSnapshotArgs),
+    /// `thaw uffd --control`: warm and prefault ranges of a serving handler's file, or the
+    /// build's recorded prefetch plan.
+    HandlerPrefetch(HandlerPrefetchArgs),
+}
+
+/// `thaw ctl handler-add` arguments.
+#[derive(Debug, Args)]
+pub struct HandlerAddArgs {
+    /// The handler's name.
+    pub name: String,
+    /// The build to serve.
+    #[arg(long, value_name = "UUID")]
+    pub build: BuildId,
+    /// The unix socket Firecracker connects to.
+    #[arg(long, value_name = "PATH")]
+    pub socket: PathBuf,
+    /// The file to serve.
+    #[arg(long, default_value = "memfile")]
+    pub file: thaw_codec::FileKind,
+    /// Warm and prefault the build's recorded prefetch plan.
+    #[arg(long)]
+    pub prefetch: bool,
+}
+
+/// `thaw ctl handler-remove` arguments.
+#[derive(Debug, Args)]
+pub struct HandlerRemoveArgs {
+    /// The handler's name.
+    pub name: String,
+    /// Stop a handler whose VM still runs: the VM is killed.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// `thaw ctl handler-snapshot` arguments.
+#[derive(Debug, Args)]
+pub struct HandlerSnapshotArgs {
+    /// The handler's name.
+    pub name: String,
+    /// The new layer.
+    #[command(flatten)]
+    pub layer: LayerArgs,
+}
+
+/// `thaw ctl handler-prefetch` arguments.
+#[derive(Debug, Args)]
+pub struct HandlerPrefetchArgs {
+    /// The handler's name.
+    pub name: String,
+    /// OFFSET:LENGTH of the file (sizes like 2MiB allowed); repeatable. None: the build's recorded
+    /// prefetch plan.
+    #[arg(long = "range", value_name = "OFFSET:LENGTH", value_parser = parse_range)]
+    pub ranges: Vec<(u64, u64)>,
 }
 
 /// `thaw ctl add` arguments.
@@ -216,6 +281,52 @@ pub fn run(args: &CtlArgs) -> anyhow::Result<()> {
                 &args.control,
                 "POST",
                 "/v1/memory/snapshot",
+                Some(serde_json::to_vec(&req).context("encoding the request")?),
+            )?
+        }
+        CtlAction::Handlers => call(&args.control, "GET", "/v1/handlers", None)?,
+        CtlAction::HandlerAdd(a) => {
+            let spec = crate::handlers::HandlerSpec {
+                name: a.name.clone(),
+                build: a.build,
+                file: a.file,
+                socket: a.socket.clone(),
+                prefetch: a.prefetch,
+            };
+            call(
+                &args.control,
+                "POST",
+                "/v1/handlers",
+                Some(serde_json::to_vec(&spec).context("encoding the request")?),
+            )?
+        }
+        CtlAction::HandlerRemove(a) => {
+            let uri = format!(
+                "/v1/handlers/{}{}",
+                percent_path(&a.name),
+                if a.force { "?force=true" } else { "" }
+            );
+            call(&args.control, "DELETE", &uri, None)?
+        }
+        CtlAction::HandlerSnapshot(a) => {
+            let req = a.layer.request(None, None);
+            let uri = format!("/v1/handlers/{}/snapshot", percent_path(&a.name));
+            call(
+                &args.control,
+                "POST",
+                &uri,
+                Some(serde_json::to_vec(&req).context("encoding the request")?),
+            )?
+        }
+        CtlAction::HandlerPrefetch(a) => {
+            let req = crate::control::HandlerPrefetchRequest {
+                offsets: (!a.ranges.is_empty()).then(|| a.ranges.clone()),
+            };
+            let uri = format!("/v1/handlers/{}/prefetch", percent_path(&a.name));
+            call(
+                &args.control,
+                "POST",
+                &uri,
                 Some(serde_json::to_vec(&req).context("encoding the request")?),
             )?
         }

@@ -13,6 +13,7 @@ use thaw_codec::{BuildId, FileKind};
 use thaw_uffd::HandlerConfig;
 
 use super::engine_args::{EngineArgs, parse_duration};
+use crate::handlers::{HandlerSpec, Handlers};
 use crate::uffd::{UffdOptions, serve_uffd};
 
 /// Help text.
@@ -24,7 +25,10 @@ memory; a miss fetches the frame once). Exits 0 when the VM goes away. If a page
 produced (after the retries), Firecracker is SIGKILLed and the command exits non-zero naming the \
 page and the cause: a VM is never given unknown data. With --prefetch, the build's recorded \
 first-touch order (metadata.json prefetch.memory) is fetched in the background at low priority \
-and installed before the guest touches it. A summary goes to stderr at exit.";
+and installed before the guest touches it. A summary goes to stderr at exit. With --control PATH \
+and no --build/--socket, the command serves only the control API: handlers are started, listed, \
+prefetched, snapshotted and stopped at runtime (/v1/handlers, `thaw ctl handler-*`) until \
+SIGTERM, which stops them (killing the VMs still served).";
 
 /// `thaw uffd` options.
 #[derive(Debug, Args)]
@@ -32,14 +36,15 @@ pub struct UffdArgs {
     #[command(flatten)]
     pub engine: EngineArgs,
 
-    /// The build id (a UUID) to resume.
-    #[arg(long)]
-    pub build: BuildId,
+    /// The build id (a UUID) to resume. Optional with --control: handlers are then added at
+    /// runtime (`POST /v1/handlers`) and the command runs until SIGTERM.
+    #[arg(long, requires = "socket", required_unless_present = "control")]
+    pub build: Option<BuildId>,
 
     /// The unix socket to listen on (Firecracker's mem_backend.backend_path). A stale socket
     /// file is replaced; any other existing file is an error.
-    #[arg(long, value_name = "PATH")]
-    pub socket: PathBuf,
+    #[arg(long, value_name = "PATH", requires = "build")]
+    pub socket: Option<PathBuf>,
 
     /// The file to serve.
     #[arg(long, default_value = "memfile")]
@@ -63,17 +68,19 @@ pub struct UffdArgs {
     pub page_attempts: u32,
 
     /// Serve the control API on this unix socket (HTTP/1.1 + JSON, docs/control-api.yaml):
-    /// `GET /v1/memory` and `POST /v1/memory/snapshot` store the guest's changed pages as a new
-    /// memfile layer (pause the VM first; needs Firecracker's memfd).
+    /// `/v1/handlers` starts, lists and stops handlers, prefetches, and stores a guest's changed
+    /// pages as a new memfile layer (pause the VM first); `GET /v1/memory` and
+    /// `POST /v1/memory/snapshot` are the --build handler's.
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
 }
 
+/// The name of the handler `--build` starts, in `/v1/handlers`.
+pub const BUILD_HANDLER: &str = "memory";
+
 /// Runs `thaw uffd`.
 pub fn run(args: &UffdArgs) -> anyhow::Result<()> {
     let engine = args.engine.engine()?;
-    let listener = bind(&args.socket)?;
-    let _cleanup = RemoveOnDrop(&args.socket);
     let options = UffdOptions {
         file: args.file,
         handshake_timeout: args.handshake_timeout,
@@ -85,32 +92,57 @@ pub fn run(args: &UffdArgs) -> anyhow::Result<()> {
         prefetch: args.prefetch,
         prefetch_concurrency: args.prefetch_threads.max(1),
     };
-    let server = Arc::new(serve_uffd(&engine, args.build, &listener, &options)?);
+    let (Some(build), Some(socket)) = (args.build, args.socket.as_deref()) else {
+        let control = args
+            .control
+            .as_deref()
+            .context("--build and --socket, or --control, are required")?;
+        return run_handlers(&engine, control, options);
+    };
+    let listener = bind(socket)?;
+    let _cleanup = RemoveOnDrop(socket);
+    let server = Arc::new(serve_uffd(&engine, build, &listener, &options)?);
     drop(listener);
-    tracing::info!(peer = server.peer().pid, build = %args.build, "UFFD handshake done; serving");
+    tracing::info!(peer = server.peer().pid, %build, "UFFD handshake done; serving");
     let control = match &args.control {
         Some(path) => {
+            let handlers = Arc::new(Handlers::new(engine.clone(), options.clone()));
+            handlers
+                .insert_fixed(
+                    HandlerSpec {
+                        name: BUILD_HANDLER.into(),
+                        build,
+                        file: args.file,
+                        socket: socket.to_path_buf(),
+                        prefetch: args.prefetch,
+                    },
+                    Arc::clone(&server),
+                )
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
             let c = crate::control::ControlServer::start(
                 path,
                 Arc::new(crate::control::ControlContext {
                     exports: None,
                     store: Arc::clone(engine.store()),
-                    memory: Some(Arc::clone(&server)),
+                    memory: Some(Arc::clone(&handlers)),
                 }),
             )?;
             println!("control unix:{}", c.path().display());
-            Some(c)
+            Some((c, handlers))
         }
         None => None,
     };
     let report = match control {
         None => join(server)?,
-        Some(control) => {
+        Some((control, handlers)) => {
             // The control API shares the server until the VM goes away.
             while !server.is_finished() {
                 std::thread::sleep(std::time::Duration::from_millis(50));
             }
             drop(control);
+            // Handlers added at runtime end with the process.
+            handlers.shutdown();
+            drop(handlers);
             join(server)?
         }
     };
@@ -124,11 +156,42 @@ pub fn run(args: &UffdArgs) -> anyhow::Result<()> {
                 String::new()
             };
             Err(anyhow::Error::new(e).context(format!(
-                "serving the memory of build {} ({}){killed}",
-                args.build, args.file
+                "serving the memory of build {build} ({}){killed}",
+                args.file
             )))
         }
     }
+}
+
+/// `thaw uffd --control` without --build: serve the control API until SIGTERM/SIGINT, then stop
+/// every handler (killing the VMs still served: they would hang on a handler that is gone).
+fn run_handlers(
+    engine: &crate::engine::Engine,
+    control: &Path,
+    options: UffdOptions,
+) -> anyhow::Result<()> {
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ])
+    .context("installing the signal handlers")?;
+    let handlers = Arc::new(Handlers::new(engine.clone(), options));
+    let c = crate::control::ControlServer::start(
+        control,
+        Arc::new(crate::control::ControlContext {
+            exports: None,
+            store: Arc::clone(engine.store()),
+            memory: Some(Arc::clone(&handlers)),
+        }),
+    )?;
+    println!("control unix:{}", c.path().display());
+    let signal = signals.forever().next();
+    tracing::info!(?signal, "stopping the UFFD handlers");
+    drop(c);
+    let n = handlers.list().len();
+    handlers.shutdown();
+    eprintln!("uffd: stopped {n} handler(s)");
+    Ok(())
 }
 
 /// Waits for the fault loop to end and reports. The control server, the only other holder of

@@ -46,7 +46,7 @@ pub use exports::{
     AddRequest, After, ExportInfo, PrefetchInfo, PrefetchReply, PrefetchRequest, RemoveReply,
     ServeExports,
 };
-pub use memory::MemoryInfo;
+pub use memory::{HandlerPrefetchReply, HandlerPrefetchRequest, MemoryInfo};
 
 /// Largest request body accepted.
 const MAX_BODY: usize = 64 * 1024;
@@ -58,8 +58,9 @@ pub struct ControlContext {
     pub exports: Option<ServeExports>,
     /// The store the exports are served from: the default destination of snapshots.
     pub store: Arc<dyn Store>,
-    /// The VM memory served by `thaw uffd`, if this is that process.
-    pub memory: Option<Arc<crate::uffd::UffdServer>>,
+    /// The UFFD handlers of `thaw uffd`, if this is that process (`/v1/handlers`; `/v1/memory`
+    /// is the one `--build` started).
+    pub memory: Option<Arc<crate::handlers::Handlers>>,
 }
 
 /// `POST /v1/exports/{name}/snapshot`.
@@ -276,6 +277,7 @@ async fn route(ctx: &Arc<ControlContext>, req: Request<Incoming>) -> Response<Bo
     let result = match segments.as_slice() {
         ["v1", "exports", rest @ ..] => exports::route(ctx, req, rest).await,
         ["v1", "memory", rest @ ..] => memory::route(ctx, req, rest).await,
+        ["v1", "handlers", rest @ ..] => memory::route_handlers(ctx, req, rest).await,
         _ => Err(not_found(&path)),
     };
     let response = result.unwrap_or_else(|e| error_response(&e));
