@@ -413,6 +413,11 @@ type HyperClient = Client<HttpsConnector<HttpConnector>, SendBody>;
 /// upload progress piece by piece (see [`HttpClient::send`]).
 const SEND_PIECE: usize = 256 << 10;
 
+/// Bytes of a request body that may still sit in socket buffers (ours and the peer's) when
+/// the connection has taken the last piece: the first-byte deadline of an upload also allows
+/// the time they take to drain at the rate the body was sent.
+const SEND_BUFFER_ALLOWANCE: u64 = 16 << 20;
+
 /// A request body handed to hyper in pieces of at most [`SEND_PIECE`] bytes, publishing how
 /// many bytes the connection has taken so far (its exact length is announced up front, so the
 /// request carries a `Content-Length`).
@@ -460,6 +465,15 @@ struct Outgoing {
     progress: tokio::sync::watch::Receiver<u64>,
     /// The body's length.
     len: u64,
+}
+
+/// `n` as a float (exact below 2^53; these are byte counts).
+#[allow(
+    clippy::cast_precision_loss,
+    reason = "byte counts far below 2^53, used for a rate"
+)]
+fn u64_f64(n: u64) -> f64 {
+    n as f64
 }
 
 /// The process-wide runtime of the HTTP transport (two named worker threads), or why it could
@@ -738,9 +752,11 @@ impl HttpClient {
     ///
     /// The first-byte deadline runs from the moment the connection has taken the whole request
     /// body, not from the start: a large upload is not cut for the time its body takes to send.
-    /// While the body is being sent, each piece must be taken within the idle deadline (the
-    /// first one within the first-byte deadline, which covers setting the connection up); a
-    /// response that comes before the body is all sent (an early refusal) is answered at once.
+    /// It is extended by the time the bytes still in socket buffers (at most
+    /// [`SEND_BUFFER_ALLOWANCE`]) take to drain at the rate the body was taken. While the body is
+    /// being sent, each piece must be taken within the idle deadline (the first one within the
+    /// first-byte deadline, which covers setting the connection up); a response that comes
+    /// before the body is all sent (an early refusal) is answered at once.
     async fn send(
         client: HyperClient,
         out: Outgoing,
@@ -757,6 +773,7 @@ impl HttpClient {
         let mut response = pin!(client.request(req));
         let mut gap = first_byte;
         let mut early = None;
+        let mut first_piece: Option<tokio::time::Instant> = None;
         while len > 0 && *progress.borrow_and_update() < len {
             let now = tokio::time::Instant::now();
             let until = (now + gap).min(deadline);
@@ -771,6 +788,7 @@ impl HttpClient {
                         break; // the body is gone: the response future ends the attempt
                     }
                     gap = config.idle_timeout;
+                    first_piece.get_or_insert_with(tokio::time::Instant::now);
                 }
                 () = tokio::time::sleep_until(until) => {
                     let taken = *progress.borrow();
@@ -800,8 +818,15 @@ impl HttpClient {
             }
         }
         let sent = tokio::time::Instant::now();
-        let until = (sent + first_byte).min(deadline);
-        let budget_first = until == deadline && deadline < sent + first_byte;
+        // Time for the buffered tail to drain at the rate the body went (0 without a body).
+        let drain = first_piece.map_or(Duration::ZERO, |t| {
+            let secs = sent.duration_since(t).as_secs_f64();
+            let rate = u64_f64(len) / secs.max(1e-3);
+            Duration::from_secs_f64((u64_f64(len.min(SEND_BUFFER_ALLOWANCE)) / rate).min(3600.0))
+        });
+        let wait = first_byte.saturating_add(drain);
+        let until = (sent + wait).min(deadline);
+        let budget_first = until == deadline && deadline < sent + wait;
         let answer = match early {
             Some(r) => Ok(r),
             None => tokio::time::timeout_at(until, response).await,
@@ -826,7 +851,7 @@ impl HttpClient {
                 true,
                 format!(
                     "no response headers within the first-byte deadline of {}",
-                    fmt_duration(first_byte)
+                    fmt_duration(wait)
                 ),
             )),
         }
