@@ -899,7 +899,10 @@ fn xml_multipart_upload_round_trips_through_an_s3_compatible_server() {
         head_value(initiate[0], "x-goog-meta-uncompressed-size"),
         Some("123456789")
     );
-    assert_eq!(head_value(initiate[0], "x-goog-meta-team_id"), Some("team-1"));
+    assert_eq!(
+        head_value(initiate[0], "x-goog-meta-team_id"),
+        Some("team-1")
+    );
     let mut part_md5s: Vec<(u32, String)> = heads
         .iter()
         .filter(|h| h[0].1.starts_with(&format!("PUT {object}?partNumber=")))

@@ -550,9 +550,10 @@ impl GcsStore {
                 url.push_str("&pageToken=");
                 url.push_str(&utf8_percent_encode(token, ESCAPE).to_string());
             }
-            let resp = self.execute("list", key, "list of stale upload parts", MAX_JSON, &|| {
-                Ok(HttpRequest::new(Method::GET, url.clone()))
-            })?;
+            let resp =
+                self.execute("list", key, "list of stale upload parts", MAX_JSON, &|| {
+                    Ok(HttpRequest::new(Method::GET, url.clone()))
+                })?;
             let answer = self.parse_json(key, "list", &resp.body)?;
             if let Some(items) = answer.get("items").and_then(|v| v.as_array()) {
                 names.extend(
@@ -1077,8 +1078,9 @@ mod tests {
         assert_eq!(real.url(), "gs://snap/p");
         assert_eq!(real.upload_mode(), UploadMode::Xml);
         assert_eq!(real.xml_endpoint(), DEFAULT_ENDPOINT);
-        let x = GcsStore::open("gs://snap?endpoint=127.0.0.1:9&upload=xml&xml-endpoint=127.0.0.1:8")
-            .unwrap();
+        let x =
+            GcsStore::open("gs://snap?endpoint=127.0.0.1:9&upload=xml&xml-endpoint=127.0.0.1:8")
+                .unwrap();
         assert_eq!(x.upload_mode(), UploadMode::Xml);
         assert_eq!(x.xml_endpoint(), "http://127.0.0.1:8");
         assert_eq!(s.http().config().budget, Duration::from_secs(3));
