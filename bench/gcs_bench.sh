@@ -11,6 +11,7 @@
 #       bucket of RATE bytes/s shared by all connections (the wire is the bottleneck, as against
 #       the real service); a comma-separated list runs each rate in turn on the same build,
 #       0 (or "unlimited") reads the emulator directly. Default: 0.
+#   READAHEAD=N bench/gcs_bench.sh        thaw read --readahead-units N (default: the engine's, 2)
 #
 # Prints one line per run, then the store's raw throughput without the engine (`thaw-bench stream`:
 # one whole-object request, then the object in frame-sized ranged requests one after another).
@@ -20,6 +21,8 @@ SIZE=${1:-256MiB}
 RUNS=${2:-3}
 CODEC=${CODEC:-zstd:1}
 RATE=${RATE:-0}
+ra_args=()
+[ -n "${READAHEAD:-}" ] && ra_args=(--readahead-units "$READAHEAD")
 THAW=${THAW:-target/release/thaw}
 THAW_BENCH=${THAW_BENCH:-target/release/thaw-bench}
 VENV=${THAW_TESTTOOLS_VENV:-/opt/testtools/venv}
@@ -77,7 +80,7 @@ for run in $(seq "$RUNS"); do
   read -r c_bytes c_secs < <(curl -s -o /dev/null -w '%{size_download} %{time_total}\n' \
     "$rep/storage/v1/b/bench/o/$object?alt=media")
   before=$(gets)
-  stats=$("$THAW" read --store "$rstore" --build "$build" --file rootfs.ext4 2>&1 >/dev/null | tail -1)
+  stats=$("$THAW" read --store "$rstore" --build "$build" --file rootfs.ext4 "${ra_args[@]}" 2>&1 >/dev/null | tail -1)
   after=$(gets)
   t_secs=$(echo "$stats" | sed -E 's/^read [0-9.]+ MiB in ([0-9.]+) s.*/\1/')
   t_wire=$(echo "$stats" | sed -E 's/.*store requests \(([0-9.]+) MiB\).*/\1/')
