@@ -6,6 +6,12 @@
 #   bench/gcs_bench.sh [SIZE] [RUNS]      defaults: 256MiB, 3
 #   CODEC=none bench/gcs_bench.sh          an uncompressed build (no decoding: the transport alone)
 #   THAW=target/release/thaw THAW_BENCH=target/release/thaw-bench bench/gcs_bench.sh
+#   RATE=50MiB,100MiB,200MiB,0 bench/gcs_bench.sh
+#       bandwidth-limited: both curl and thaw read through bench/rate_proxy.py, one token
+#       bucket of RATE bytes/s shared by all connections (the wire is the bottleneck, as against
+#       the real service); a comma-separated list runs each rate in turn on the same build,
+#       0 (or "unlimited") reads the emulator directly. Default: 0.
+#   READAHEAD=N bench/gcs_bench.sh        thaw read --readahead-units N (default: the engine's, 2)
 #
 # Prints one line per run, then the store's raw throughput without the engine (`thaw-bench stream`:
 # one whole-object request, then the object in frame-sized ranged requests one after another).
@@ -14,6 +20,9 @@ cd "$(dirname "$0")/.."
 SIZE=${1:-256MiB}
 RUNS=${2:-3}
 CODEC=${CODEC:-zstd:1}
+RATE=${RATE:-0}
+ra_args=()
+[ -n "${READAHEAD:-}" ] && ra_args=(--readahead-units "$READAHEAD")
 THAW=${THAW:-target/release/thaw}
 THAW_BENCH=${THAW_BENCH:-target/release/thaw-bench}
 VENV=${THAW_TESTTOOLS_VENV:-/opt/testtools/venv}
@@ -27,7 +36,12 @@ ep="http://127.0.0.1:$port"
 "$FAKE_GCS" -scheme http -host 127.0.0.1 -port "$port" -public-host "127.0.0.1:$port" \
   -external-url "$ep" -backend memory -log-level info >"$work/fake-gcs.log" 2>&1 &
 fake_pid=$!
-trap 'kill $fake_pid 2>/dev/null || true; wait $fake_pid 2>/dev/null || true; rm -rf "$work"' EXIT
+proxy_pid=
+stop_proxy() {
+  if [ -n "$proxy_pid" ]; then kill "$proxy_pid" 2>/dev/null || true; wait "$proxy_pid" 2>/dev/null || true; fi
+  proxy_pid=
+}
+trap 'stop_proxy; kill $fake_pid 2>/dev/null || true; wait $fake_pid 2>/dev/null || true; rm -rf "$work"' EXIT
 for _ in $(seq 100); do curl -sf "$ep/storage/v1/b" >/dev/null && break; sleep 0.1; done
 curl -sf -X POST -H 'Content-Type: application/json' -d '{"name":"bench"}' \
   "$ep/storage/v1/b?project=bench" >/dev/null
@@ -49,11 +63,24 @@ echo "build $build: $SIZE, $CODEC, $frames frames (4 MiB chunks when uncompresse
 
 gets() { grep -c "GET /storage/v1/b/bench/o/$object?alt=media" "$work/fake-gcs.log" || true; }
 
+for rate in ${RATE//,/ }; do
+stop_proxy
+if [ "$rate" = 0 ] || [ "$rate" = unlimited ]; then
+  rep=$ep
+  echo "== unlimited (fake-gcs-server directly)"
+else
+  coproc PROXY { exec python3 bench/rate_proxy.py --upstream "127.0.0.1:$port" --rate "$rate"; }
+  proxy_pid=$PROXY_PID
+  read -r pport <&"${PROXY[0]}"
+  rep="http://127.0.0.1:$pport"
+  echo "== $rate/s wire (bench/rate_proxy.py on $rep)"
+fi
+rstore="gs://bench/builds?endpoint=$rep"
 for run in $(seq "$RUNS"); do
   read -r c_bytes c_secs < <(curl -s -o /dev/null -w '%{size_download} %{time_total}\n' \
-    "$ep/storage/v1/b/bench/o/$object?alt=media")
+    "$rep/storage/v1/b/bench/o/$object?alt=media")
   before=$(gets)
-  stats=$("$THAW" read --store "$store" --build "$build" --file rootfs.ext4 2>&1 >/dev/null | tail -1)
+  stats=$("$THAW" read --store "$rstore" --build "$build" --file rootfs.ext4 "${ra_args[@]}" 2>&1 >/dev/null | tail -1)
   after=$(gets)
   t_secs=$(echo "$stats" | sed -E 's/^read [0-9.]+ MiB in ([0-9.]+) s.*/\1/')
   t_wire=$(echo "$stats" | sed -E 's/.*store requests \(([0-9.]+) MiB\).*/\1/')
@@ -68,8 +95,9 @@ print(f'run $run: curl {c_mib:.1f} MiB in {c_secs:.3f} s ({curl_tp:.0f} MiB/s); 
 ")
   echo "$line"
   echo "  thaw: $stats"
-
 done
+done
+stop_proxy
 
 key="${object//%2F//}"; key="${key#builds/}"
 c_size=$(curl -s "$ep/storage/v1/b/bench/o/$object" | python3 -c 'import json,sys; print(json.load(sys.stdin)["size"])')

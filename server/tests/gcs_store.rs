@@ -14,18 +14,23 @@
 mod common;
 #[path = "common/gcs.rs"]
 mod gcs;
+#[path = "common/moto.rs"]
+mod moto;
 #[path = "common/nbd.rs"]
 mod nbd_common;
 
+use std::io::Write as _;
 use std::ops::ControlFlow;
 use std::path::Path;
 use std::process::{Command, Output};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use gcs::{FakeGcs, Fault, FaultProxy};
 use thaw_codec::{CompressionType, FileKind};
 use thaw_server::chain::{ChainManifest, ChainSpec, generate};
-use thaw_server::store::{FileStore, GcsStore, PutOptions, Store, StoreErrorKind};
+use thaw_server::engine::{Engine, EngineConfig};
+use thaw_server::store::{FileStore, GcsStore, PutOptions, Store, StoreErrorKind, UploadMode};
 use thaw_server::writer::WriteOptions;
 
 const BUCKET: &str = "snap";
@@ -79,7 +84,9 @@ fn object_operations_and_edges() {
     assert_eq!(e.kind(), StoreErrorKind::TooLarge, "{e}");
     let e = s.get("b1/none", 10).unwrap_err();
     assert_eq!(e.kind(), StoreErrorKind::NotFound, "{e}");
-    assert!(e.to_string().contains("gs://snap/pre/fix: b1/none"), "{e}");
+    // The store URL in messages names the endpoint too.
+    let head = format!("gs://snap/pre/fix?endpoint={}: b1/none", gcs.endpoint());
+    assert!(e.to_string().contains(&head), "{e}");
     let e = s.stat("b1/none").unwrap_err();
     assert_eq!(e.kind(), StoreErrorKind::NotFound, "{e}");
 
@@ -168,10 +175,10 @@ fn large_upload_in_parallel_parts_reads_back_equal() {
     let after = s.http().stats();
     let parts = len.div_ceil(s.part_size());
     assert_eq!(parts, 4);
-    // parts + one exists check + one compose + one delete per part.
+    // One list of stale parts + parts + one exists check + one compose + one delete per part.
     assert_eq!(
         after.requests - before.requests,
-        (parts + 1 + 1 + parts) as u64
+        (1 + parts + 1 + 1 + parts) as u64
     );
     let info = s.stat("b2/memfile.zstd").unwrap();
     assert_eq!(info.size, len as u64);
@@ -786,4 +793,290 @@ fn configuration_errors_are_clear_and_settings_apply() {
         "{e}"
     );
     assert!(!e.contains("credentials"), "{e}");
+}
+
+// ---- the XML multipart upload (upload=xml), against moto's S3-compatible XML API ----
+
+/// The port of an `http://127.0.0.1:PORT` endpoint.
+fn port_of(endpoint: &str) -> u16 {
+    endpoint.rsplit(':').next().unwrap().parse().unwrap()
+}
+
+fn head_value<'a>(head: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    head.iter()
+        .skip(1)
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}
+
+#[test]
+fn xml_multipart_upload_round_trips_through_an_s3_compatible_server() {
+    let Some(moto) = moto::Moto::start(false) else {
+        return;
+    };
+    // The bucket, made through the S3 store; the GCS store talks to moto through a recording
+    // proxy. moto keeps custom metadata sent as x-amz-meta-*: the proxy renames the
+    // x-goog-meta-* headers on the way (it records what thaw sent).
+    moto.store("gcsxml", "");
+    let proxy = FaultProxy::start(port_of(&moto.endpoint));
+    proxy.rewrite_header_prefix("x-goog-meta-", "x-amz-meta-");
+    let url = format!(
+        "gs://gcsxml/pre?endpoint={0}&upload=xml&xml-endpoint={0}&part-size=5MiB&\
+         upload-concurrency=3",
+        proxy.endpoint()
+    );
+    let gs = GcsStore::open_with_env(&url, &|name| {
+        (name == "THAW_GCS_TOKEN").then(|| "tok-123".to_owned())
+    })
+    .unwrap();
+    assert_eq!(gs.upload_mode(), UploadMode::Xml);
+    let s3 = moto.store_as(
+        &moto.url("gcsxml/pre", ""),
+        Some((moto::ACCESS_KEY, moto::SECRET_KEY)),
+    );
+
+    // Three parts of 5 MiB (the last shorter), with e2b's metadata names.
+    let part = 5 << 20;
+    let body = data(31, 2 * part + 1_000_001);
+    let mut opts = PutOptions::with_uncompressed_size(123_456_789);
+    for (k, v) in [
+        ("team_id", "team-1"),
+        ("template_id", "tpl-2"),
+        ("build_origin", "pause"),
+    ] {
+        opts.metadata.insert(k.to_owned(), v.to_owned());
+    }
+    let key = "b/memfile.zstd";
+    let mut w = gs.create(key, &opts).unwrap();
+    for piece in body.chunks(777_777) {
+        w.write_all(piece).unwrap();
+    }
+    assert!(!s3.exists(key).unwrap(), "visible before commit");
+    w.commit().unwrap();
+
+    // Read back through the S3 store: bytes and metadata.
+    let got = s3.get(key, body.len() as u64).unwrap();
+    assert!(got == body, "bytes differ after the XML multipart upload");
+    let info = s3.stat(key).unwrap();
+    assert_eq!(info.size, body.len() as u64);
+    assert_eq!(info.uncompressed_size, Some(123_456_789));
+    let (status, headers, _) = gcs::http(
+        port_of(&moto.endpoint),
+        "GET",
+        "/gcsxml/pre/b/memfile.zstd",
+        &[("Range", "bytes=0-0")],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(status, 206);
+    for (k, v) in [
+        ("team_id", "team-1"),
+        ("template_id", "tpl-2"),
+        ("build_origin", "pause"),
+    ] {
+        let name = format!("x-amz-meta-{k}");
+        assert_eq!(
+            headers
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| v.as_str()),
+            Some(v),
+            "{name}: {headers:?}"
+        );
+    }
+
+    // What thaw sent: the XML API's requests, every one with the bearer token, metadata as
+    // x-goog-meta-* on the initiate request, Content-MD5 on each part.
+    let heads = proxy.heads();
+    let lines: Vec<&str> = heads.iter().map(|h| h[0].1.as_str()).collect();
+    let object = "/gcsxml/pre/b/memfile.zstd";
+    let initiate: Vec<_> = heads
+        .iter()
+        .filter(|h| h[0].1.starts_with(&format!("POST {object}?uploads ")))
+        .collect();
+    assert_eq!(initiate.len(), 1, "{lines:?}");
+    assert_eq!(
+        head_value(initiate[0], "x-goog-meta-uncompressed-size"),
+        Some("123456789")
+    );
+    assert_eq!(
+        head_value(initiate[0], "x-goog-meta-team_id"),
+        Some("team-1")
+    );
+    let mut part_md5s: Vec<(u32, String)> = heads
+        .iter()
+        .filter(|h| h[0].1.starts_with(&format!("PUT {object}?partNumber=")))
+        .map(|h| {
+            let line = &h[0].1;
+            let n = line
+                .split("partNumber=")
+                .nth(1)
+                .unwrap()
+                .split(['&', ' '])
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap();
+            (n, head_value(h, "content-md5").unwrap().to_owned())
+        })
+        .collect();
+    part_md5s.sort();
+    let want: Vec<(u32, String)> = body
+        .chunks(part)
+        .zip(1..)
+        .map(|(c, n)| (n, thaw_server::store::multipart::content_md5(c)))
+        .collect();
+    assert_eq!(part_md5s, want);
+    assert_eq!(
+        heads
+            .iter()
+            .filter(|h| h[0].1.starts_with(&format!("POST {object}?uploadId=")))
+            .count(),
+        1,
+        "{lines:?}"
+    );
+    assert_eq!(heads.len(), 5, "{lines:?}");
+    for h in &heads {
+        assert_eq!(
+            head_value(h, "authorization"),
+            Some("Bearer tok-123"),
+            "{}",
+            h[0].1
+        );
+    }
+
+    // A small object is one XML PUT with Content-MD5; a writer dropped after a part aborts
+    // its upload (nothing published, no upload left).
+    proxy.reset_counts();
+    gs.put("b/small", b"hello xml", &PutOptions::default())
+        .unwrap();
+    assert_eq!(s3.get("b/small", 100).unwrap(), b"hello xml");
+    let mut w = gs.create("b/dropped", &PutOptions::default()).unwrap();
+    w.write_all(&body[..part + 10]).unwrap();
+    drop(w);
+    assert!(!s3.exists("b/dropped").unwrap());
+    assert_eq!(s3.list_multipart_uploads().unwrap(), Vec::<String>::new());
+    let log = proxy.log();
+    assert!(log[0].starts_with("PUT /gcsxml/pre/b/small "), "{log:?}");
+    assert!(
+        log.iter()
+            .any(|l| l.starts_with("DELETE /gcsxml/pre/b/dropped?uploadId=")),
+        "{log:?}"
+    );
+}
+
+// ---- transport and upload fixes ----
+
+#[test]
+fn a_slow_upload_body_does_not_count_against_the_first_byte_deadline() {
+    let Some(gcs) = emulator() else { return };
+    let proxy = FaultProxy::start(gcs.port);
+    // One attempt, a 1 s first-byte deadline; the proxy takes the 24 MiB body at ~5 MiB/s
+    // (several seconds, more than the socket buffers hold).
+    let s = store(
+        &proxy.endpoint(),
+        "&first-byte-timeout=1s&idle-timeout=2s&attempts=1",
+    );
+    let body = data(41, 24 << 20);
+    proxy.inject(
+        "uploadType=multipart",
+        &[Fault::SlowRequestBody {
+            piece: 256 << 10,
+            pause: Duration::from_millis(50),
+        }],
+    );
+    s.put("slow/obj", &body, &PutOptions::default()).unwrap();
+    assert_eq!(proxy.matched(), 1);
+    assert!(s.get("slow/obj", body.len() as u64).unwrap() == body);
+
+    // A body that stops moving still fails, on the idle deadline, saying so.
+    proxy.reset_counts();
+    proxy.inject(
+        "uploadType=multipart",
+        &[Fault::SlowRequestBody {
+            piece: 1 << 20,
+            pause: Duration::from_secs(30),
+        }],
+    );
+    let t = Instant::now();
+    let e = s
+        .put("slow/stalled", &body, &PutOptions::default())
+        .unwrap_err();
+    assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
+    assert!(e.to_string().contains("request body stalled"), "{e}");
+    assert!(!s.exists("slow/stalled").unwrap());
+}
+
+#[test]
+fn access_denied_is_permanent_for_the_engine_too() {
+    let Some(gcs) = emulator() else { return };
+    let proxy = FaultProxy::start(gcs.port);
+    let dir = tempfile::tempdir().unwrap();
+    let direct = store(&gcs.endpoint(), "");
+    let spec = ChainSpec {
+        layers: 1,
+        zero_fraction: 0.0,
+        ..chain_spec(CompressionType::None, 3, 21)
+    };
+    let manifest = generate(&direct, &dir.path().join("expected"), &spec).unwrap();
+    let via_proxy: Arc<dyn Store> = Arc::new(store(&proxy.endpoint(), ""));
+    let engine = Engine::new(
+        via_proxy,
+        EngineConfig {
+            readahead_units: 0,
+            cache_dir: None,
+            shared_cache: None,
+            ..EngineConfig::default()
+        },
+    )
+    .unwrap();
+    let file = engine
+        .open(manifest.layers[0].build_id, FileKind::Rootfs)
+        .unwrap();
+    // The header and the first chunk load fine; the last chunk is refused.
+    let mut buf = vec![0u8; 4096];
+    file.read_at(0, &mut buf).unwrap();
+    proxy.reset_counts();
+    proxy.inject("alt=media", &vec![Fault::Status(403); 50]);
+    let e = file
+        .read_at(file.size() - 4096, &mut buf)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("403") && e.contains("access denied"), "{e}");
+    // One request: neither the transport nor the engine retried it.
+    assert_eq!(proxy.matched(), 1, "{:?}", proxy.log());
+    assert_eq!(engine.stats().retries, 0);
+}
+
+#[test]
+fn stale_parts_of_a_crashed_compose_upload_are_swept() {
+    let Some(gcs) = emulator() else { return };
+    let s = store(&gcs.endpoint(), "&part-size=256KiB");
+    // What a crashed upload of b5/obj left, and neighbours that are not its parts.
+    for name in [
+        "b5/obj.thaw-part-0123abcd-00000",
+        "b5/obj.thaw-part-0123abcd-00001",
+        "b5/obj.thaw-partial",
+        "b5/obj2.thaw-part-0123abcd-00000",
+    ] {
+        s.put(name, b"left", &PutOptions::default()).unwrap();
+    }
+    assert_eq!(
+        s.stale_parts("b5/obj").unwrap(),
+        vec![
+            "pre/fix/b5/obj.thaw-part-0123abcd-00000".to_owned(),
+            "pre/fix/b5/obj.thaw-part-0123abcd-00001".to_owned(),
+        ]
+    );
+    let body = data(51, 3 * 256 * 1024 + 10);
+    write_through(&s, "b5/obj", &body, &PutOptions::default());
+    assert_eq!(s.get("b5/obj", body.len() as u64).unwrap(), body);
+    assert_eq!(
+        gcs.list(BUCKET),
+        vec![
+            "pre/fix/b5/obj".to_owned(),
+            "pre/fix/b5/obj.thaw-partial".to_owned(),
+            "pre/fix/b5/obj2.thaw-part-0123abcd-00000".to_owned(),
+        ]
+    );
 }

@@ -43,6 +43,11 @@ pub struct EngineArgs {
     /// Most transfers in flight (fetch threads).
     #[arg(long, value_name = "N", default_value_t = 64)]
     pub fetch_threads: usize,
+
+    /// Sequential read-ahead: frames (or chunks) fetched ahead of a sequential reader; 0 turns
+    /// it off.
+    #[arg(long, value_name = "N", default_value_t = EngineConfig::default().readahead_units)]
+    pub readahead_units: usize,
 }
 
 /// Parses `30s`, `500ms`, `1.5s`.
@@ -58,6 +63,7 @@ impl EngineArgs {
             fetch_deadline: self.fetch_deadline,
             retries: self.fetch_retries,
             fetch_threads: self.fetch_threads,
+            readahead_units: self.readahead_units,
             cache_dir: self.cache_dir.clone(),
             shared_cache: self.shared_cache.clone(),
             ..EngineConfig::default()

@@ -9,14 +9,24 @@
 //! - `put`: one multipart upload (`uploadType=multipart`: the JSON resource with the custom
 //!   metadata and the payload's `md5Hash`, then the bytes); the MD5 the service reports is
 //!   checked against ours.
-//! - `create`: a streaming writer. Up to one part (`part-size`, default 16 MiB) it is a `put` at
-//!   commit; beyond, each part is uploaded as a temporary object `{object}.thaw-part-{id}-{n}`
-//!   (concurrently, `upload-concurrency` at a time, each checked against its MD5), and commit
-//!   composes them into the object (at most 32 sources per compose call; more are composed in
-//!   levels), with the custom metadata on the final compose, then deletes the temporary objects.
-//!   Nothing appears under the object's name before commit. e2b uploads through the XML
-//!   multipart API instead; fake-gcs-server, the emulator the tests run against, does not
-//!   implement it (see `docs/object-storage.md`).
+//! - Uploads (`put`, `create`) take one of two paths ([`UploadMode`], URL parameter
+//!   `upload=xml|compose`):
+//!   - `xml` (the default against the real service, as e2b uploads): the XML API at
+//!     `{xml-endpoint}/{bucket}/{object}` (default `https://storage.googleapis.com`) through
+//!     [`MultipartWriter`]: up to one part a single `PUT` with `Content-MD5`; beyond, a
+//!     multipart upload (`POST ?uploads` with the `x-goog-meta-*` metadata, parts of
+//!     `part-size` ≥ 5 MiB with `Content-MD5`, `upload-concurrency` at a time, then complete;
+//!     aborted on failure or drop). Bearer-token auth as below.
+//!   - `compose` (the default when an emulator endpoint is given: fake-gcs-server answers 400
+//!     to `POST ?uploads`): `put` is one JSON multipart upload; `create` streams, and beyond one
+//!     part (`part-size`, default 16 MiB) uploads each part as a temporary object
+//!     `{object}.thaw-part-{upload id}-{n}` (concurrently, each checked against its MD5);
+//!     commit composes them into the object (≤ 32 sources per compose call; more in levels)
+//!     with the custom metadata on the final compose, then deletes the temporary objects.
+//!     Parts left by an upload that died before its cleanup are found by that prefix and
+//!     deleted when the next upload of the same object starts ([`GcsStore::stale_parts`]).
+//!
+//!   Either way nothing appears under the object's name before commit.
 //!
 //! Endpoint and authentication: `STORAGE_EMULATOR_HOST` (`http://127.0.0.1:PORT` or
 //! `127.0.0.1:PORT`, as Google's clients honour it) or the `endpoint=` URL parameter name an
@@ -40,6 +50,10 @@ use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use serde_json::json;
 
 use super::http::{HttpClient, HttpConfig, HttpRequest, HttpResponse, split_query};
+use super::multipart::{
+    MAX_XML_BODY, Method as XmlMethod, MultipartConfig, MultipartWriter, XmlApi, XmlRequest,
+    XmlResponse,
+};
 use super::{ObjectInfo, ObjectWriter, PutOptions, Store, StoreError, StoreErrorKind};
 
 /// The public endpoint.
@@ -62,6 +76,9 @@ pub const MIN_PART_SIZE: usize = 256 << 10;
 
 /// Default number of parts uploaded at once.
 pub const DEFAULT_UPLOAD_CONCURRENCY: usize = 4;
+
+/// What names a temporary part object of a compose upload: `{object}.thaw-part-{upload id}-…`.
+pub const PART_INFIX: &str = ".thaw-part-";
 
 /// Most sources of one compose call (the service's limit).
 pub const MAX_COMPOSE_SOURCES: usize = 32;
@@ -96,6 +113,27 @@ impl fmt::Debug for Auth {
     }
 }
 
+/// How large objects (and, with [`UploadMode::Xml`], every object) are uploaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UploadMode {
+    /// The XML API's multipart upload (`POST ?uploads`, parts with `Content-MD5`, complete), as
+    /// e2b uploads; small objects are one XML `PUT`. The default for the real service.
+    Xml,
+    /// JSON API: parts uploaded as temporary objects, then composed. The default when an
+    /// emulator endpoint is given (fake-gcs-server has no XML multipart upload).
+    Compose,
+}
+
+impl UploadMode {
+    /// The name in the `upload=` URL parameter.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Xml => "xml",
+            Self::Compose => "compose",
+        }
+    }
+}
+
 /// A GCS bucket (and key prefix) as a [`Store`].
 #[derive(Debug, Clone)]
 pub struct GcsStore {
@@ -103,21 +141,45 @@ pub struct GcsStore {
     bucket: String,
     prefix: String,
     endpoint: String,
+    /// Base URL of the XML API (`https://storage.googleapis.com`: `{xml}/{bucket}/{object}`).
+    xml_endpoint: String,
+    upload: UploadMode,
     http: HttpClient,
     auth: Arc<Auth>,
     part_size: usize,
     upload_concurrency: usize,
 }
 
+/// The XML API side of a [`GcsStore`] (bearer-token auth, `x-goog-meta-` metadata), driving
+/// [`MultipartWriter`].
+#[derive(Debug)]
+pub struct GcsXmlApi {
+    store: GcsStore,
+}
+
 impl GcsStore {
     /// Opens `gs://bucket[/prefix][?param=value&...]`. Parameters: the transport's
-    /// ([`HttpConfig::KEYS`]), `endpoint=URL` (an emulator, anonymous), `part-size=SIZE`
-    /// (parallel upload part, ≥ 256 KiB) and `upload-concurrency=N`. Transport defaults come
-    /// from the `THAW_HTTP_*` variables ([`HttpConfig::from_env`]).
+    /// ([`HttpConfig::KEYS`]), `endpoint=URL` (an emulator, anonymous), `upload=xml|compose`
+    /// ([`UploadMode`]; default `xml` for the real service, `compose` with an emulator),
+    /// `xml-endpoint=URL` (the XML API's base URL; default the endpoint), `part-size=SIZE`
+    /// (upload part: ≥ 256 KiB for compose, ≥ 5 MiB for xml) and `upload-concurrency=N`.
+    /// Transport defaults come from the `THAW_HTTP_*` variables ([`HttpConfig::from_env`]);
+    /// `STORAGE_EMULATOR_HOST` and `THAW_GCS_TOKEN` from the process environment.
     ///
     /// # Errors
     /// [`StoreErrorKind::InvalidUrl`] for a bad bucket, parameter or environment value.
     pub fn open(url: &str) -> Result<Self, StoreError> {
+        Self::open_with_env(url, &|name| std::env::var(name).ok())
+    }
+
+    /// [`GcsStore::open`], reading `STORAGE_EMULATOR_HOST` and `THAW_GCS_TOKEN` through `env`.
+    ///
+    /// # Errors
+    /// As [`GcsStore::open`].
+    pub fn open_with_env(
+        url: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, StoreError> {
         let invalid = |detail: String| StoreError::new(StoreErrorKind::InvalidUrl, url, "", detail);
         let (base, params) = split_query(url);
         let rest = base
@@ -132,6 +194,8 @@ impl GcsStore {
         }
         let mut config = HttpConfig::from_env().map_err(invalid)?;
         let mut endpoint = None;
+        let mut xml_endpoint = None;
+        let mut upload = None;
         let mut part_size = DEFAULT_PART_SIZE;
         let mut upload_concurrency = DEFAULT_UPLOAD_CONCURRENCY;
         for (key, value) in &params {
@@ -140,6 +204,18 @@ impl GcsStore {
             }
             match key.as_str() {
                 "endpoint" => endpoint = Some(value.clone()),
+                "xml-endpoint" => xml_endpoint = Some(value.clone()),
+                "upload" => {
+                    upload = Some(match value.as_str() {
+                        "xml" => UploadMode::Xml,
+                        "compose" => UploadMode::Compose,
+                        _ => {
+                            return Err(invalid(format!(
+                                "upload={value:?}: expected xml or compose"
+                            )));
+                        }
+                    });
+                }
                 "part-size" => {
                     part_size = crate::cli::parse_size(value)
                         .ok()
@@ -160,8 +236,8 @@ impl GcsStore {
                 }
                 _ => {
                     return Err(invalid(format!(
-                        "unknown parameter {key:?} (known: {}, endpoint, part-size, \
-                         upload-concurrency)",
+                        "unknown parameter {key:?} (known: {}, endpoint, upload, \
+                         xml-endpoint, part-size, upload-concurrency)",
                         HttpConfig::KEYS.join(", ")
                     )));
                 }
@@ -169,19 +245,14 @@ impl GcsStore {
         }
         let emulator = match endpoint {
             Some(e) => Some(e),
-            None => std::env::var(EMULATOR_ENV).ok().filter(|v| !v.is_empty()),
+            None => env(EMULATOR_ENV).filter(|v| !v.is_empty()),
         };
-        let token = std::env::var(TOKEN_ENV).ok().filter(|v| !v.is_empty());
+        let token = env(TOKEN_ENV).filter(|v| !v.is_empty());
+        let is_emulator = emulator.is_some();
         let (endpoint, auth) = match emulator {
             Some(host) => {
-                let host = host.trim_end_matches('/');
-                let endpoint = if host.starts_with("http://") || host.starts_with("https://") {
-                    host.to_owned()
-                } else {
-                    format!("http://{host}")
-                };
                 let auth = token.map_or(Auth::Anonymous, Auth::Token);
-                (endpoint, auth)
+                (base_url(&host), auth)
             }
             None => {
                 let auth = match token {
@@ -191,17 +262,37 @@ impl GcsStore {
                 (DEFAULT_ENDPOINT.to_owned(), auth)
             }
         };
-        let store_url = if prefix.is_empty() {
+        let upload = upload.unwrap_or(if is_emulator {
+            UploadMode::Compose
+        } else {
+            UploadMode::Xml
+        });
+        if upload == UploadMode::Xml && part_size < super::multipart::MIN_PART_SIZE {
+            return Err(invalid(format!(
+                "part-size of {part_size} bytes is below the XML API's 5 MiB minimum \
+                 (upload=xml)"
+            )));
+        }
+        let xml_endpoint = xml_endpoint.map_or_else(|| endpoint.clone(), |e| base_url(&e));
+        // The URL names where the objects are: the endpoint is part of it when not the
+        // service's own (so a reply or log naming the store can be opened again).
+        let mut store_url = if prefix.is_empty() {
             format!("gs://{bucket}")
         } else {
             format!("gs://{bucket}/{prefix}")
         };
+        if is_emulator {
+            store_url.push_str("?endpoint=");
+            store_url.push_str(&endpoint);
+        }
         let http = HttpClient::new(store_url.clone(), "gs", config)?;
         Ok(Self {
             url: store_url,
             bucket: bucket.to_owned(),
             prefix: prefix.to_owned(),
             endpoint,
+            xml_endpoint,
+            upload,
             http,
             auth: Arc::new(auth),
             part_size,
@@ -212,6 +303,16 @@ impl GcsStore {
     /// The endpoint requests go to.
     pub fn endpoint(&self) -> &str {
         &self.endpoint
+    }
+
+    /// The XML API's base URL.
+    pub fn xml_endpoint(&self) -> &str {
+        &self.xml_endpoint
+    }
+
+    /// How objects are uploaded.
+    pub fn upload_mode(&self) -> UploadMode {
+        self.upload
     }
 
     /// The HTTP client (its counters: [`HttpClient::stats`]).
@@ -431,6 +532,46 @@ impl GcsStore {
         Ok(())
     }
 
+    /// The temporary part objects a compose upload of `object` leaves behind if it dies before
+    /// its cleanup (every object named `{object}.thaw-part-…`), all pages.
+    pub fn stale_parts(&self, key: &str) -> Result<Vec<String>, StoreError> {
+        let object = self.object(key)?;
+        let prefix = format!("{object}{PART_INFIX}");
+        let mut names = Vec::new();
+        let mut page: Option<String> = None;
+        loop {
+            let mut url = format!(
+                "{}/storage/v1/b/{}/o?prefix={}",
+                self.endpoint,
+                self.bucket,
+                utf8_percent_encode(&prefix, ESCAPE)
+            );
+            if let Some(token) = &page {
+                url.push_str("&pageToken=");
+                url.push_str(&utf8_percent_encode(token, ESCAPE).to_string());
+            }
+            let resp =
+                self.execute("list", key, "list of stale upload parts", MAX_JSON, &|| {
+                    Ok(HttpRequest::new(Method::GET, url.clone()))
+                })?;
+            let answer = self.parse_json(key, "list", &resp.body)?;
+            if let Some(items) = answer.get("items").and_then(|v| v.as_array()) {
+                names.extend(
+                    items
+                        .iter()
+                        .filter_map(|o| o.get("name").and_then(|n| n.as_str()))
+                        .filter(|n| n.starts_with(&prefix))
+                        .map(str::to_owned),
+                );
+            }
+            match answer.get("nextPageToken").and_then(|v| v.as_str()) {
+                Some(t) if !t.is_empty() && page.as_deref() != Some(t) => page = Some(t.to_owned()),
+                _ => break,
+            }
+        }
+        Ok(names)
+    }
+
     /// Deletes `object`; a missing object is fine.
     fn delete(&self, key: &str, object: &str) -> Result<(), StoreError> {
         let url = self.object_url(object);
@@ -443,6 +584,29 @@ impl GcsStore {
         }
     }
 
+    /// The XML API's streaming writer of `key` ([`UploadMode::Xml`]), with its concrete type.
+    ///
+    /// # Errors
+    /// A bad key or metadata that cannot travel as headers.
+    pub fn xml_writer(
+        &self,
+        key: &str,
+        opts: &PutOptions,
+    ) -> Result<MultipartWriter<GcsXmlApi>, StoreError> {
+        self.object(key)?;
+        MultipartWriter::new(
+            Arc::new(GcsXmlApi {
+                store: self.clone(),
+            }),
+            key,
+            opts,
+            MultipartConfig {
+                part_size: self.part_size,
+                concurrency: self.upload_concurrency,
+            },
+        )
+    }
+
     /// Deletes temporary objects, logging (not failing on) errors.
     fn delete_all(&self, key: &str, objects: &[String]) {
         for object in objects {
@@ -450,6 +614,80 @@ impl GcsStore {
                 tracing::warn!(error = %e, object, "could not delete a temporary upload part");
             }
         }
+    }
+}
+
+impl XmlApi for GcsXmlApi {
+    fn store_url(&self) -> String {
+        self.store.url.clone()
+    }
+
+    fn meta_prefix(&self) -> &'static str {
+        "x-goog-meta-"
+    }
+
+    fn send(&self, req: XmlRequest<'_>) -> Result<XmlResponse, StoreError> {
+        let store = &self.store;
+        let object = store.object(req.key)?;
+        // Path-style: `{xml endpoint}/{bucket}/{object}`, each segment escaped, `/` kept.
+        let path = object
+            .split('/')
+            .map(|seg| utf8_percent_encode(seg, ESCAPE).to_string())
+            .collect::<Vec<_>>()
+            .join("/");
+        let mut url = format!("{}/{}/{path}", store.xml_endpoint, store.bucket);
+        if !req.query.is_empty() {
+            url.push('?');
+            url.push_str(req.query);
+        }
+        let method = match req.method {
+            XmlMethod::Get => Method::GET,
+            XmlMethod::Head => Method::HEAD,
+            XmlMethod::Put => Method::PUT,
+            XmlMethod::Post => Method::POST,
+            XmlMethod::Delete => Method::DELETE,
+        };
+        let label = match req.method {
+            XmlMethod::Put if req.query.is_empty() => "put",
+            XmlMethod::Put => "upload_part",
+            XmlMethod::Delete => "abort",
+            _ => "multipart",
+        };
+        let mut headers = req.headers;
+        if req.method == XmlMethod::Put && !headers.iter().any(|(n, _)| n == "content-type") {
+            headers.push((
+                "content-type".to_owned(),
+                "application/octet-stream".to_owned(),
+            ));
+        }
+        let body = bytes::Bytes::from(req.body);
+        let max = u64::try_from(MAX_XML_BODY).unwrap_or(u64::MAX);
+        let resp = store.execute(label, req.key, req.op, max, &|| {
+            let mut r = HttpRequest::new(method.clone(), url.clone()).body(body.clone());
+            for (name, value) in &headers {
+                r = r.header(name, value)?;
+            }
+            Ok(r)
+        })?;
+        Ok(XmlResponse {
+            status: resp.status.as_u16(),
+            headers: resp
+                .headers
+                .iter()
+                .filter_map(|(n, v)| Some((n.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+                .collect(),
+            body: resp.body.to_vec(),
+        })
+    }
+}
+
+/// `host[:port]` or a URL, as a base URL without a trailing slash (`http://` by default).
+fn base_url(host: &str) -> String {
+    let host = host.trim_end_matches('/');
+    if host.starts_with("http://") || host.starts_with("https://") {
+        host.to_owned()
+    } else {
+        format!("http://{host}")
     }
 }
 
@@ -557,6 +795,13 @@ impl Store for GcsStore {
 
     fn put(&self, key: &str, data: &[u8], opts: &PutOptions) -> Result<(), StoreError> {
         let object = self.object(key)?;
+        if self.upload == UploadMode::Xml {
+            // Below one part this is the XML API's single PUT (with Content-MD5).
+            let mut w = self.xml_writer(key, opts)?;
+            w.write_all(data)
+                .map_err(|e| StoreError::io(self.url.clone(), key, "upload", e))?;
+            return Box::new(w).commit();
+        }
         self.upload(
             "put",
             key,
@@ -568,6 +813,9 @@ impl Store for GcsStore {
 
     fn create(&self, key: &str, opts: &PutOptions) -> Result<Box<dyn ObjectWriter>, StoreError> {
         let object = self.object(key)?;
+        if self.upload == UploadMode::Xml {
+            return Ok(Box::new(self.xml_writer(key, opts)?));
+        }
         Ok(Box::new(GcsWriter {
             store: self.clone(),
             key: key.to_owned(),
@@ -575,6 +823,7 @@ impl Store for GcsStore {
             metadata: opts.metadata.clone(),
             id: uuid::Uuid::new_v4().simple().to_string(),
             buf: Vec::new(),
+            swept: false,
             parts: Vec::new(),
             inflight: VecDeque::new(),
             failed: None,
@@ -600,6 +849,8 @@ struct GcsWriter {
     metadata: BTreeMap<String, String>,
     id: String,
     buf: Vec<u8>,
+    /// Whether the stale parts of earlier uploads of the object were deleted.
+    swept: bool,
     /// Names of the part objects started, in order.
     parts: Vec<String>,
     inflight: VecDeque<JoinHandle<Result<(), StoreError>>>,
@@ -659,12 +910,24 @@ impl GcsWriter {
                 format!("an earlier part failed: {f}"),
             ));
         }
+        if !self.swept {
+            // Parts of an earlier upload of this object that died before its cleanup (a crash):
+            // deleted before this upload makes its own. A writer of the same object running at
+            // this moment would lose its parts and fail at compose (never publish wrong bytes).
+            self.swept = true;
+            let stale = self.store.stale_parts(&self.key)?;
+            if !stale.is_empty() {
+                tracing::info!(key = %self.key, parts = stale.len(),
+                    "deleting temporary parts left by an earlier upload");
+                self.store.delete_all(&self.key, &stale);
+            }
+        }
         while self.inflight.len() >= self.store.upload_concurrency {
             self.join_one()?;
         }
         let data = bytes::Bytes::from(std::mem::take(&mut self.buf));
         let name = format!(
-            "{}.thaw-part-{}-{:05}",
+            "{}{PART_INFIX}{}-{:05}",
             self.object,
             self.id,
             self.parts.len()
@@ -699,7 +962,7 @@ impl GcsWriter {
                     next.push(only.clone());
                     continue;
                 }
-                let name = format!("{}.thaw-part-{}-l{level}-{i:05}", self.object, self.id);
+                let name = format!("{}{PART_INFIX}{}-l{level}-{i:05}", self.object, self.id);
                 temps.push(name.clone());
                 self.store
                     .compose(&self.key, group, &name, &BTreeMap::new())?;
@@ -797,8 +1060,29 @@ mod tests {
     fn urls_parse_or_fail_clearly() {
         let s =
             GcsStore::open("gs://snap/builds/v1?endpoint=http://127.0.0.1:9&budget=3s").unwrap();
-        assert_eq!(s.url(), "gs://snap/builds/v1");
+        // The URL keeps the endpoint: it names where the objects are, and opens the same store.
+        assert_eq!(s.url(), "gs://snap/builds/v1?endpoint=http://127.0.0.1:9");
         assert_eq!(s.endpoint(), "http://127.0.0.1:9");
+        let again = GcsStore::open(&s.url()).unwrap();
+        assert_eq!(
+            (again.url(), again.endpoint()),
+            (s.url(), "http://127.0.0.1:9")
+        );
+        // An emulator uploads with compose by default, the service with the XML API.
+        assert_eq!(s.upload_mode(), UploadMode::Compose);
+        assert_eq!(s.xml_endpoint(), "http://127.0.0.1:9");
+        let real = GcsStore::open_with_env("gs://snap/p", &|name| {
+            (name == TOKEN_ENV).then(|| "t".to_owned())
+        })
+        .unwrap();
+        assert_eq!(real.url(), "gs://snap/p");
+        assert_eq!(real.upload_mode(), UploadMode::Xml);
+        assert_eq!(real.xml_endpoint(), DEFAULT_ENDPOINT);
+        let x =
+            GcsStore::open("gs://snap?endpoint=127.0.0.1:9&upload=xml&xml-endpoint=127.0.0.1:8")
+                .unwrap();
+        assert_eq!(x.upload_mode(), UploadMode::Xml);
+        assert_eq!(x.xml_endpoint(), "http://127.0.0.1:8");
         assert_eq!(s.http().config().budget, Duration::from_secs(3));
         assert_eq!(s.object("b/memfile").unwrap(), "builds/v1/b/memfile");
         assert_eq!(
@@ -806,7 +1090,7 @@ mod tests {
             "http://127.0.0.1:9/storage/v1/b/snap/o/builds%2Fv1%2Fb%2Fmemfile"
         );
         let s = GcsStore::open("gs://snap?endpoint=127.0.0.1:9&part-size=1MiB").unwrap();
-        assert_eq!(s.url(), "gs://snap");
+        assert_eq!(s.url(), "gs://snap?endpoint=http://127.0.0.1:9");
         assert_eq!(s.part_size(), 1 << 20);
         assert_eq!(s.object("x").unwrap(), "x");
         for bad in [
@@ -819,6 +1103,8 @@ mod tests {
             "gs://snap?budget=never",
             "gs://snap?part-size=1KiB",
             "gs://snap?upload-concurrency=0",
+            "gs://snap?upload=json",
+            "gs://snap?endpoint=127.0.0.1:9&upload=xml&part-size=1MiB",
             "gs://snap/../x",
         ] {
             let e = GcsStore::open(bad).unwrap_err();

@@ -13,7 +13,9 @@
 //!
 //! # Deadlines ([`HttpConfig`])
 //! - `connect`: TCP connect (and TLS handshake) of a new connection;
-//! - `first_byte`: request sent to response headers received;
+//! - `first_byte`: request body sent (taken whole by the connection) to response headers
+//!   received; while a request body is being sent, each piece of it must be taken within
+//!   `idle` (the first within `first_byte`);
 //! - `idle`: between two body pieces (re-armed at every piece);
 //! - `budget`: the whole operation, all attempts and backoff sleeps included. Every wait of an
 //!   attempt is also cut at the budget's end, so an operation never outlives it by more than the
@@ -23,8 +25,9 @@
 //! Full-jitter exponential backoff (`sleep = random(0, min(backoff_max, backoff_base * 2^n))`)
 //! for 408, 429, 5xx, connection errors and resets, deadline expiries and truncated bodies, at
 //! most `attempts` attempts and only while the budget leaves time for the sleep. 404 is
-//! [`StoreErrorKind::NotFound`] and never retried; 416 (a range past the end) is
-//! [`StoreErrorKind::Truncated`] and not retried; other 4xx are not retried. A streamed read that
+//! [`StoreErrorKind::NotFound`] and never retried; 401 and 403 are [`StoreErrorKind::Denied`]
+//! (permanent: neither this transport nor the engine retries them); 416 (a range past the end)
+//! is [`StoreErrorKind::Truncated`] and not retried; other 4xx are not retried. A streamed read that
 //! failed after delivering N bytes resumes at `offset + N`: the bytes already handed to the sink
 //! are final. A body shorter than its `Content-Length` or the requested range is an error, never
 //! data; a 206 whose `Content-Range` is not the requested range is refused, and so is a 200 (the
@@ -36,7 +39,7 @@
 //! - `thaw_store_bytes_received_total`, `thaw_store_bytes_sent_total`: body bytes;
 //! - `thaw_store_retries_total`: attempts after the first;
 //! - `thaw_store_errors_total{kind}`: failed attempts by kind (`status_5xx`, `status_429`,
-//!   `status_4xx`, `not_found`, `connect`, `timeout_connect`, `timeout_first_byte`,
+//!   `status_4xx`, `not_found`, `denied`, `connect`, `timeout_connect`, `timeout_first_byte`,
 //!   `timeout_idle`, `timeout_budget`, `io`, `truncated`, `bad_response`, `too_large`);
 //! - `thaw_store_first_byte_seconds`: request sent to response headers, per attempt (histogram);
 //! - `thaw_store_operation_seconds`: whole operation, retries included (histogram).
@@ -60,7 +63,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, CONTENT_RANGE, HeaderMap, HeaderName, HeaderValue, RANGE};
 use http::{Method, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -345,6 +348,12 @@ impl Failure {
         match code {
             404 => Self::new("not_found", StoreErrorKind::NotFound, false, detail),
             416 => Self::new("status_4xx", StoreErrorKind::Truncated, false, detail),
+            401 | 403 => Self::new(
+                "denied",
+                StoreErrorKind::Denied,
+                false,
+                format!("access denied (check the credentials and their permissions): {detail}"),
+            ),
             429 => Self::new("status_429", StoreErrorKind::Io, true, detail),
             408 => Self::new("status_4xx", StoreErrorKind::Io, true, detail),
             500..=599 => Self::new("status_5xx", StoreErrorKind::Io, true, detail),
@@ -398,7 +407,74 @@ enum Event {
     Fail(Failure),
 }
 
-type HyperClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+type HyperClient = Client<HttpsConnector<HttpConnector>, SendBody>;
+
+/// Largest piece of a request body handed to the connection at once: the transport sees the
+/// upload progress piece by piece (see [`HttpClient::send`]).
+const SEND_PIECE: usize = 256 << 10;
+
+/// Bytes of a request body that may still sit in socket buffers (ours and the peer's) when
+/// the connection has taken the last piece: the first-byte deadline of an upload also allows
+/// the time they take to drain at the rate the body was sent.
+const SEND_BUFFER_ALLOWANCE: u64 = 16 << 20;
+
+/// A request body handed to hyper in pieces of at most [`SEND_PIECE`] bytes, publishing how
+/// many bytes the connection has taken so far (its exact length is announced up front, so the
+/// request carries a `Content-Length`).
+#[derive(Debug)]
+struct SendBody {
+    rest: Bytes,
+    taken: u64,
+    progress: tokio::sync::watch::Sender<u64>,
+}
+
+impl hyper::body::Body for SendBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        if this.rest.is_empty() {
+            return Poll::Ready(None);
+        }
+        let piece = this.rest.split_to(this.rest.len().min(SEND_PIECE));
+        this.taken = this
+            .taken
+            .saturating_add(u64::try_from(piece.len()).unwrap_or(u64::MAX));
+        this.progress.send_replace(this.taken);
+        Poll::Ready(Some(Ok(hyper::body::Frame::data(piece))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.rest.is_empty()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        hyper::body::SizeHint::with_exact(u64::try_from(self.rest.len()).unwrap_or(u64::MAX))
+    }
+}
+
+/// A request ready for hyper, with the progress of its body.
+#[derive(Debug)]
+struct Outgoing {
+    req: http::Request<SendBody>,
+    /// Body bytes the connection has taken (see [`SendBody`]).
+    progress: tokio::sync::watch::Receiver<u64>,
+    /// The body's length.
+    len: u64,
+}
+
+/// `n` as a float (exact below 2^53; these are byte counts).
+#[allow(
+    clippy::cast_precision_loss,
+    reason = "byte counts far below 2^53, used for a rate"
+)]
+fn u64_f64(n: u64) -> f64 {
+    n as f64
+}
 
 /// The process-wide runtime of the HTTP transport (two named worker threads), or why it could
 /// not start.
@@ -653,31 +729,109 @@ impl HttpClient {
     }
 
     /// Turns an [`HttpRequest`] into a hyper request.
-    fn to_hyper(&self, req: HttpRequest) -> Result<http::Request<Full<Bytes>>, String> {
+    fn to_hyper(&self, req: HttpRequest) -> Result<Outgoing, String> {
         let mut builder = http::Request::builder()
             .method(req.method)
             .uri(req.url.as_str());
         if let Some(headers) = builder.headers_mut() {
             headers.extend(req.headers);
         }
-        builder
-            .body(Full::new(req.body))
-            .map_err(|e| format!("bad request for {}: {e}", req.url))
+        let len = u64::try_from(req.body.len()).unwrap_or(u64::MAX);
+        let (progress_tx, progress) = tokio::sync::watch::channel(0u64);
+        let req = builder
+            .body(SendBody {
+                rest: req.body,
+                taken: 0,
+                progress: progress_tx,
+            })
+            .map_err(|e| format!("bad request for {}: {e}", req.url))?;
+        Ok(Outgoing { req, progress, len })
     }
 
-    /// Sends one request and answers its response headers, within the first-byte deadline
-    /// (and the operation's deadline).
+    /// Sends one request and answers its response headers (and the operation's deadline).
+    ///
+    /// The first-byte deadline runs from the moment the connection has taken the whole request
+    /// body, not from the start: a large upload is not cut for the time its body takes to send.
+    /// It is extended by the time the bytes still in socket buffers (at most
+    /// [`SEND_BUFFER_ALLOWANCE`]) take to drain at the rate the body was taken. While the body is
+    /// being sent, each piece must be taken within the idle deadline (the first one within the
+    /// first-byte deadline, which covers setting the connection up); a response that comes
+    /// before the body is all sent (an early refusal) is answered at once.
     async fn send(
         client: HyperClient,
-        req: http::Request<Full<Bytes>>,
-        first_byte: Duration,
+        out: Outgoing,
+        config: &HttpConfig,
         deadline: tokio::time::Instant,
         labels: (&'static str, &'static str),
     ) -> Result<http::Response<hyper::body::Incoming>, Failure> {
+        let Outgoing {
+            req,
+            mut progress,
+            len,
+        } = out;
+        let first_byte = config.first_byte_timeout;
+        let mut response = pin!(client.request(req));
+        let mut gap = first_byte;
+        let mut early = None;
+        let mut first_piece: Option<tokio::time::Instant> = None;
+        while len > 0 && *progress.borrow_and_update() < len {
+            let now = tokio::time::Instant::now();
+            let until = (now + gap).min(deadline);
+            let by_budget = until == deadline && deadline < now + gap;
+            tokio::select! {
+                r = &mut response => {
+                    early = Some(r);
+                    break;
+                }
+                changed = progress.changed() => {
+                    if changed.is_err() {
+                        break; // the body is gone: the response future ends the attempt
+                    }
+                    gap = config.idle_timeout;
+                    first_piece.get_or_insert_with(tokio::time::Instant::now);
+                }
+                () = tokio::time::sleep_until(until) => {
+                    let taken = *progress.borrow();
+                    return Err(if by_budget {
+                        Failure::new(
+                            "timeout_budget",
+                            StoreErrorKind::Io,
+                            false,
+                            format!(
+                                "the operation's time budget ran out sending the request body \
+                                 ({taken} of {len} bytes sent)"
+                            ),
+                        )
+                    } else {
+                        Failure::new(
+                            "timeout_idle",
+                            StoreErrorKind::Io,
+                            true,
+                            format!(
+                                "the request body stalled: no progress within {} ({taken} of \
+                                 {len} bytes sent)",
+                                fmt_duration(gap)
+                            ),
+                        )
+                    });
+                }
+            }
+        }
         let sent = tokio::time::Instant::now();
-        let until = (sent + first_byte).min(deadline);
-        let budget_first = until == deadline && deadline < sent + first_byte;
-        match tokio::time::timeout_at(until, client.request(req)).await {
+        // Time for the buffered tail to drain at the rate the body went (0 without a body).
+        let drain = first_piece.map_or(Duration::ZERO, |t| {
+            let secs = sent.duration_since(t).as_secs_f64();
+            let rate = u64_f64(len) / secs.max(1e-3);
+            Duration::from_secs_f64((u64_f64(len.min(SEND_BUFFER_ALLOWANCE)) / rate).min(3600.0))
+        });
+        let wait = first_byte.saturating_add(drain);
+        let until = (sent + wait).min(deadline);
+        let budget_first = until == deadline && deadline < sent + wait;
+        let answer = match early {
+            Some(r) => Ok(r),
+            None => tokio::time::timeout_at(until, response).await,
+        };
+        match answer {
             Ok(Ok(resp)) => {
                 metrics::histogram!("thaw_store_first_byte_seconds", "scheme" => labels.0,
                     "op" => labels.1)
@@ -697,7 +851,7 @@ impl HttpClient {
                 true,
                 format!(
                     "no response headers within the first-byte deadline of {}",
-                    fmt_duration(first_byte)
+                    fmt_duration(wait)
                 ),
             )),
         }
@@ -855,14 +1009,14 @@ impl HttpClient {
 
     async fn buffered_attempt(
         client: HyperClient,
-        req: http::Request<Full<Bytes>>,
+        req: Outgoing,
         config: HttpConfig,
         deadline: tokio::time::Instant,
         max_body: u64,
         labels: (&'static str, &'static str),
     ) -> Result<HttpResponse, Failure> {
-        let head = req.method() == Method::HEAD;
-        let resp = Self::send(client, req, config.first_byte_timeout, deadline, labels).await?;
+        let head = req.req.method() == Method::HEAD;
+        let resp = Self::send(client, req, &config, deadline, labels).await?;
         let (parts, mut body) = resp.into_parts();
         if !parts.status.is_success() {
             let text = Self::error_body(&mut body, deadline).await;
@@ -1027,7 +1181,7 @@ impl HttpClient {
     /// that range, then forwards the body pieces. Ends when the receiver is dropped.
     async fn stream_attempt(
         client: HyperClient,
-        req: http::Request<Full<Bytes>>,
+        req: Outgoing,
         config: HttpConfig,
         deadline: tokio::time::Instant,
         (start, end): (u64, u64),
@@ -1047,14 +1201,14 @@ impl HttpClient {
     /// `Ok(true)`: the whole range was sent; `Ok(false)`: the receiver went away.
     async fn stream_body(
         client: HyperClient,
-        req: http::Request<Full<Bytes>>,
+        req: Outgoing,
         config: HttpConfig,
         deadline: tokio::time::Instant,
         (start, end): (u64, u64),
         tx: &mpsc::Sender<Event>,
         labels: (&'static str, &'static str),
     ) -> Result<bool, Failure> {
-        let resp = Self::send(client, req, config.first_byte_timeout, deadline, labels).await?;
+        let resp = Self::send(client, req, &config, deadline, labels).await?;
         let (parts, mut body) = resp.into_parts();
         let want = end.saturating_sub(start);
         match parts.status {
@@ -1284,7 +1438,8 @@ mod tests {
         let cases = [
             (404, StoreErrorKind::NotFound, false),
             (416, StoreErrorKind::Truncated, false),
-            (403, StoreErrorKind::Io, false),
+            (403, StoreErrorKind::Denied, false),
+            (401, StoreErrorKind::Denied, false),
             (429, StoreErrorKind::Io, true),
             (503, StoreErrorKind::Io, true),
             (500, StoreErrorKind::Io, true),
@@ -1300,7 +1455,11 @@ mod tests {
             b"<?xml version=\"1.0\"?>\n<Error><Code>AccessDenied</Code><Message>no</Message>\
               <RequestId>1</RequestId></Error>",
         );
-        assert_eq!(f.detail, "HTTP 403 Forbidden: AccessDenied: no");
+        assert_eq!(
+            f.detail,
+            "access denied (check the credentials and their permissions): \
+             HTTP 403 Forbidden: AccessDenied: no"
+        );
     }
 
     #[test]

@@ -25,7 +25,7 @@ pub mod shared_cache;
 pub mod sim;
 
 pub use file::FileStore;
-pub use gcs::GcsStore;
+pub use gcs::{GcsStore, GcsXmlApi, UploadMode};
 pub use s3::S3Store;
 pub use sim::SimStore;
 
@@ -93,6 +93,9 @@ pub enum StoreErrorKind {
     Unsupported,
     /// Stored metadata is malformed (e.g. a sidecar that is not a decimal number).
     Corrupt,
+    /// The service refused the credentials or their permissions (HTTP 401, 403): permanent,
+    /// never retried by the transport or the engine.
+    Denied,
 }
 
 impl StoreErrorKind {
@@ -107,6 +110,7 @@ impl StoreErrorKind {
             Self::InvalidKey => "invalid_key",
             Self::Unsupported => "unsupported",
             Self::Corrupt => "corrupt",
+            Self::Denied => "denied",
         }
     }
 }

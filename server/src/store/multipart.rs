@@ -2,8 +2,9 @@
 //! dialect): error bodies, and the multipart upload protocol behind [`MultipartWriter`].
 //!
 //! Nothing here knows how a request is authorized or which header prefix carries custom
-//! metadata: a backend implements [`XmlApi`] (S3 signs with SigV4 and uses `x-amz-meta-`; GCS
-//! would add a bearer token and use `x-goog-meta-`), and the protocol runs on top of it:
+//! metadata: a backend implements [`XmlApi`] (S3 signs with SigV4 and uses `x-amz-meta-`;
+//! [`super::gcs::GcsXmlApi`] adds a bearer token and uses `x-goog-meta-`), and the protocol runs
+//! on top of it:
 //!
 //! 1. `POST {object}?uploads` with the metadata headers → `<InitiateMultipartUploadResult>` with
 //!    the `UploadId`;

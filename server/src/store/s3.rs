@@ -794,7 +794,7 @@ impl S3Store {
         );
         match res {
             Err(e)
-                if e.kind() == StoreErrorKind::Io && {
+                if matches!(e.kind(), StoreErrorKind::Io | StoreErrorKind::Denied) && {
                     let text = e.to_string();
                     text.contains("HTTP 403") || text.contains("HTTP 400")
                 } =>

@@ -279,6 +279,9 @@ pub enum Fault {
     IgnoreRange,
     /// Forward, but rewrite the Content-Range start by +1 (a wrong range).
     WrongRange,
+    /// Read the request body slowly (`piece` bytes, then a `pause`, and so on), then forward: an
+    /// upload through a slow link.
+    SlowRequestBody { piece: usize, pause: Duration },
 }
 
 /// A fault-injecting HTTP/1.1 proxy in front of an upstream port. Every request is counted;
@@ -298,6 +301,10 @@ struct ProxyState {
     requests: AtomicU64,
     matched: AtomicU64,
     log: Mutex<Vec<String>>,
+    /// Every request's head: the request line, then (lower-case name, value) pairs.
+    heads: Mutex<Vec<Vec<(String, String)>>>,
+    /// Header name prefixes rewritten on the way upstream (from, to).
+    rewrites: Mutex<Vec<(String, String)>>,
     stop: AtomicBool,
 }
 
@@ -313,6 +320,8 @@ impl FaultProxy {
             requests: AtomicU64::new(0),
             matched: AtomicU64::new(0),
             log: Mutex::new(Vec::new()),
+            heads: Mutex::new(Vec::new()),
+            rewrites: Mutex::new(Vec::new()),
             stop: AtomicBool::new(false),
         });
         let st = Arc::clone(&state);
@@ -362,6 +371,20 @@ impl FaultProxy {
         self.state.log.lock().unwrap().clone()
     }
 
+    /// Every request's head so far: the request line, then its headers (lower-case names).
+    pub fn heads(&self) -> Vec<Vec<(String, String)>> {
+        self.state.heads.lock().unwrap().clone()
+    }
+
+    /// Renames request headers starting with `from` to start with `to` on the way upstream.
+    pub fn rewrite_header_prefix(&self, from: &str, to: &str) {
+        self.state
+            .rewrites
+            .lock()
+            .unwrap()
+            .push((from.to_owned(), to.to_owned()));
+    }
+
     pub fn reset_counts(&self) {
         self.state.requests.store(0, Ordering::Relaxed);
         self.state.matched.store(0, Ordering::Relaxed);
@@ -387,23 +410,31 @@ fn serve_conn(conn: TcpStream, st: &ProxyState) -> std::io::Result<()> {
             Err(_) => return Ok(()),
         };
         let request_line = head[0].1.clone();
-        let mut body = Vec::new();
-        if let Some(n) = header(&head, "content-length").and_then(|v| v.parse::<usize>().ok()) {
-            body.resize(n, 0);
-            reader.read_exact(&mut body)?;
-        }
         st.requests.fetch_add(1, Ordering::Relaxed);
         let range = header(&head, "range").unwrap_or("-").to_owned();
         st.log
             .lock()
             .unwrap()
             .push(format!("{request_line} range={range}"));
+        st.heads.lock().unwrap().push(head.clone());
         let fault = if request_line.contains(st.filter.lock().unwrap().as_str()) {
             st.matched.fetch_add(1, Ordering::Relaxed);
             st.faults.lock().unwrap().pop_front()
         } else {
             None
         };
+        let mut body = Vec::new();
+        if let Some(n) = header(&head, "content-length").and_then(|v| v.parse::<usize>().ok()) {
+            body.resize(n, 0);
+            if let Some(Fault::SlowRequestBody { piece, pause }) = fault {
+                for chunk in body.chunks_mut(piece.max(1)) {
+                    reader.read_exact(chunk)?;
+                    std::thread::sleep(pause);
+                }
+            } else {
+                reader.read_exact(&mut body)?;
+            }
+        }
         if let Some(Fault::Hang(d)) = fault {
             std::thread::sleep(d);
             return Ok(());
@@ -423,6 +454,12 @@ fn serve_conn(conn: TcpStream, st: &ProxyState) -> std::io::Result<()> {
         for (k, v) in head.iter().skip(1) {
             if k == "connection" || (k == "range" && fault == Some(Fault::IgnoreRange)) {
                 continue;
+            }
+            let mut k = k.clone();
+            for (from, to) in st.rewrites.lock().unwrap().iter() {
+                if let Some(rest) = k.strip_prefix(from.as_str()) {
+                    k = format!("{to}{rest}");
+                }
             }
             req.push_str(&format!("{k}: {v}\r\n"));
         }
