@@ -30,7 +30,7 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use thaw_codec::{BuildId, FileKind};
 use thaw_uffd::{
     Exit, FaultHandler, FetchDone, FetchError, HandlerConfig, HandshakeConfig, Lookup,
@@ -611,26 +611,63 @@ impl UffdServer {
     /// since. This is e2b's pause diff (dirty wins over empty).
     pub fn memory_changes(&self) -> ChangeSet {
         let page = self.handler.page_size();
-        let runs = |offsets: Vec<u64>| {
-            let mut out: Vec<std::ops::Range<u64>> = Vec::new();
-            for off in offsets {
-                let b = off / page;
-                match out.last_mut() {
-                    Some(r) if r.end == b => r.end = b + 1,
-                    _ => out.push(b..b + 1),
-                }
-            }
-            out
-        };
         ChangeSet {
             block_size: page,
-            dirty: runs(self.handler.dirty_pages()),
-            zero: runs(self.handler.zero_or_removed_pages()),
+            dirty: page_runs(page, self.handler.dirty_pages()),
+            zero: page_runs(page, self.handler.zero_or_removed_pages()),
         }
     }
 
+    /// [`memory_changes`](Self::memory_changes) with the dirty pages `dirty` names: the
+    /// handler's own, or those united with Firecracker's dirty bitmap (the zero set loses every
+    /// page the bitmap marks: dirty wins, as in e2b).
+    ///
+    /// # Errors
+    /// A bitmap whose length is not one bit per page of the memfile (rounded up to 64), or that
+    /// marks a page past its end.
+    pub fn memory_changes_with(&self, dirty: &DirtyPages) -> anyhow::Result<ChangeSet> {
+        let mut changes = self.memory_changes();
+        let DirtyPages::Bitmap(words) = dirty else {
+            return Ok(changes);
+        };
+        let page = changes.block_size;
+        let pages = self.source.file().size().div_ceil(page);
+        let want = usize::try_from(pages.div_ceil(64)).unwrap_or(usize::MAX);
+        if words.len() != want {
+            bail!(
+                "the dirty bitmap has {} words; the memfile's {pages} pages of {page} bytes need {want}",
+                words.len()
+            );
+        }
+        let mut marked = Vec::new();
+        for (j, &w) in words.iter().enumerate() {
+            let mut w = w;
+            while w != 0 {
+                let i = u64::from(w.trailing_zeros());
+                w &= w - 1;
+                let p = (j as u64) * 64 + i;
+                if p >= pages {
+                    bail!("the dirty bitmap marks page {p}, past the memfile's {pages} pages");
+                }
+                marked.push(p * page);
+            }
+        }
+        let mut offsets: Vec<u64> = changes
+            .dirty
+            .iter()
+            .flat_map(|r| (r.start..r.end).map(|b| b * page))
+            .chain(marked)
+            .collect();
+        offsets.sort_unstable();
+        offsets.dedup();
+        changes.dirty = page_runs(page, offsets);
+        changes.zero = subtract_runs(&changes.zero, &changes.dirty);
+        Ok(changes)
+    }
+
     /// Stores the guest memory's changes as build `new_build`'s memfile over the served build
-    /// (e2b's memory diff at pause): [`memory_changes`](Self::memory_changes) over the served
+    /// (e2b's memory diff at pause): [`memory_changes_with`](Self::memory_changes_with)`(dirty)`
+    /// (see [`DirtyPages`] for which source is exact when) over the served
     /// header, the dirty pages read from the memfd Firecracker sent (its file offsets are the
     /// memfile's), written with [`export_layer`] (packed diff, merge rules, data first, header
     /// last, idempotent by build id). The VM must be paused: pages written during the export
@@ -648,10 +685,13 @@ impl UffdServer {
         store: &dyn crate::store::Store,
         new_build: BuildId,
         opts: &crate::writer::WriteOptions,
+        dirty: &DirtyPages,
     ) -> anyhow::Result<Exported> {
         let file = self.source.file();
         let parent = file.header().metadata.build_id;
-        let changes = self.memory_changes();
+        let changes = self
+            .memory_changes_with(dirty)
+            .with_context(|| format!("exporting the memory of build {parent} as {new_build}"))?;
         let result = if let Some(memfd) = self.memfd.as_ref() {
             let memfd = std::fs::File::from(memfd.try_clone().context("duplicating the memfd")?);
             export_layer(
@@ -992,5 +1032,92 @@ impl PendingServer {
             regions,
             started: Instant::now(),
         })
+    }
+}
+
+/// Where the dirty pages of a memory snapshot come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DirtyPages {
+    /// The handler's own tracking: write faults, and write-protect faults when Firecracker
+    /// resolves them through the handler (`use_sync_wp`). Exact only then, or for a guest that
+    /// writes every page at its first touch: with MISSING-only registration or asynchronous
+    /// write-protect, a write to a page the handler already installed never reaches it.
+    Handler,
+    /// Firecracker's `GET /memory/dirty` bitmap (VM paused; bit `i` of word `j` is page
+    /// `64 j + i` of the memfile), united with the handler's own dirty pages.
+    Bitmap(Vec<u64>),
+}
+
+/// Page offsets (ascending) as runs of page indexes.
+fn page_runs(page: u64, offsets: Vec<u64>) -> Vec<std::ops::Range<u64>> {
+    let mut out: Vec<std::ops::Range<u64>> = Vec::new();
+    for off in offsets {
+        let b = off / page;
+        match out.last_mut() {
+            Some(r) if r.end == b => r.end = b + 1,
+            Some(r) if r.end > b => {}
+            _ => out.push(b..b + 1),
+        }
+    }
+    out
+}
+
+/// `runs` minus `minus` (both sorted and disjoint within themselves).
+fn subtract_runs(
+    runs: &[std::ops::Range<u64>],
+    minus: &[std::ops::Range<u64>],
+) -> Vec<std::ops::Range<u64>> {
+    let mut out = Vec::new();
+    let mut j = 0;
+    for r in runs {
+        let mut start = r.start;
+        while j < minus.len() && minus[j].end <= start {
+            j += 1;
+        }
+        let mut k = j;
+        while start < r.end {
+            match minus.get(k) {
+                Some(m) if m.start < r.end => {
+                    if m.start > start {
+                        out.push(start..m.start);
+                    }
+                    start = start.max(m.end);
+                    k += 1;
+                }
+                _ => {
+                    out.push(start..r.end);
+                    break;
+                }
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{page_runs, subtract_runs};
+
+    #[test]
+    #[allow(
+        clippy::single_range_in_vec_init,
+        reason = "run lists of one run are what is being tested"
+    )]
+    fn page_runs_and_their_difference() {
+        assert_eq!(
+            page_runs(4096, vec![0, 4096, 4096, 3 * 4096, 4 * 4096]),
+            vec![0..2, 3..5]
+        );
+        assert_eq!(
+            subtract_runs(&[0..10], &[2..3, 5..7]),
+            vec![0..2, 3..5, 7..10]
+        );
+        assert_eq!(subtract_runs(&[0..4, 6..8], &[3..7]), vec![0..3, 7..8]);
+        assert_eq!(
+            subtract_runs(&[2..4], &[0..10]),
+            Vec::<std::ops::Range<u64>>::new()
+        );
+        assert_eq!(subtract_runs(&[2..4], &[]), vec![2..4]);
+        assert_eq!(subtract_runs(&[0..2, 8..9], &[4..5]), vec![0..2, 8..9]);
     }
 }

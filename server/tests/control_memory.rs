@@ -29,7 +29,7 @@ use thaw_codec::{BuildId, CompressionType, FileKind, PAGE_SIZE};
 use thaw_server::chain::{ChainManifest, ChainSpec, generate};
 use thaw_server::engine::{Engine, EngineConfig};
 use thaw_server::store::{FileStore, Store};
-use thaw_server::uffd::{UffdOptions, serve_uffd};
+use thaw_server::uffd::{DirtyPages, UffdOptions, serve_uffd};
 use thaw_server::writer::WriteOptions;
 use thaw_uffd::{HandlerConfig, ioctl};
 
@@ -590,6 +590,7 @@ fn a_runtime_handler_serves_prefetches_snapshots_from_the_peer_and_is_removed() 
     let new = uuid::Uuid::new_v4();
     let snap = uffd.ok(&[
         "handler-snapshot",
+        "--dirty-from-handler",
         "vm1",
         "--new-build",
         &new.to_string(),
@@ -621,7 +622,13 @@ fn a_runtime_handler_serves_prefetches_snapshots_from_the_peer_and_is_removed() 
     assert!(killed_by_sigkill(vm.reap()), "the VM was killed");
     assert_eq!(uffd.ok(&["handlers"]), serde_json::json!([]));
     uffd.fails(
-        &["handler-snapshot", "vm1", "--new-build", &new.to_string()],
+        &[
+            "handler-snapshot",
+            "--dirty-from-handler",
+            "vm1",
+            "--new-build",
+            &new.to_string(),
+        ],
         404,
     );
 }
@@ -709,7 +716,16 @@ fn waiting_and_finished_handlers_are_removed_and_sigterm_stops_everything() {
         finished["dirty_pages"],
         (expected.len() / PS).div_ceil(3) as u64
     );
-    let gone = uffd.fails(&["handler-snapshot", "v2", "--new-build", &unknown], 409);
+    let gone = uffd.fails(
+        &[
+            "handler-snapshot",
+            "--dirty-from-handler",
+            "v2",
+            "--new-build",
+            &unknown,
+        ],
+        409,
+    );
     assert!(gone.contains("finished"), "{gone}");
     uffd.ok(&["handler-remove", "v2"]);
 
@@ -766,7 +782,9 @@ fn a_memory_export_without_memfd_fails_clearly_once_the_peer_is_gone() {
     };
     // While it runs: exported from its address space.
     let live = uuid::Uuid::new_v4();
-    server.export_memory(store.as_ref(), live, &opts).unwrap();
+    server
+        .export_memory(store.as_ref(), live, &opts, &DirtyPages::Handler)
+        .unwrap();
     assert_same(
         &read_memfile(&store, live, expected.len()).unwrap(),
         &model_of(&expected),
@@ -784,7 +802,7 @@ fn a_memory_export_without_memfd_fails_clearly_once_the_peer_is_gone() {
     }
     let dead = uuid::Uuid::new_v4();
     let err = server
-        .export_memory(store.as_ref(), dead, &opts)
+        .export_memory(store.as_ref(), dead, &opts, &DirtyPages::Handler)
         .unwrap_err();
     let msg = format!("{err:#}");
     assert!(msg.contains("gone"), "{msg}");
@@ -823,7 +841,13 @@ fn a_memory_snapshot_killed_at_any_point_leaves_no_wrong_build_and_the_retry_suc
         vm.wait_status(PASS_DONE);
         let mut snap = Command::new(env!("CARGO_BIN_EXE_thaw"))
             .args(["ctl", "--control", uffd.control.to_str().unwrap()])
-            .args(["handler-snapshot", "vm", "--new-build", &new_s])
+            .args([
+                "handler-snapshot",
+                "--dirty-from-handler",
+                "vm",
+                "--new-build",
+                &new_s,
+            ])
             .args(["--codec", "zstd:3", "--frame-size", "1MiB"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -864,6 +888,7 @@ fn a_memory_snapshot_killed_at_any_point_leaves_no_wrong_build_and_the_retry_suc
         vm.wait_status(PASS_DONE);
         retry.ok(&[
             "handler-snapshot",
+            "--dirty-from-handler",
             "vm",
             "--new-build",
             &new_s,

@@ -33,7 +33,7 @@ use thaw_server::chain::{ChainManifest, ChainSpec, generate};
 use thaw_server::engine::{Engine, EngineConfig};
 use thaw_server::store::sim::{FaultMode, SimConfig};
 use thaw_server::store::{FileStore, SimStore, Store};
-use thaw_server::uffd::{UffdOptions, UffdServer, serve_file, serve_uffd};
+use thaw_server::uffd::{DirtyPages, UffdOptions, UffdServer, serve_file, serve_uffd};
 use thaw_server::writer::{WriteOptions, store_build_file};
 use thaw_uffd::{ErrorKind, Exit, HandlerConfig, PageState, ioctl};
 
@@ -1522,13 +1522,17 @@ fn the_guest_memory_exports_as_a_new_layer_from_the_memfd() {
         workers: 2,
         progress: false,
     };
-    let out = server.export_memory(store.as_ref(), new, &opts).unwrap();
+    let out = server
+        .export_memory(store.as_ref(), new, &opts, &DirtyPages::Handler)
+        .unwrap();
     assert!(
         matches!(out, thaw_server::export::Exported::Stored(_)),
         "{out:?}"
     );
     // Idempotent.
-    let again = server.export_memory(store.as_ref(), new, &opts).unwrap();
+    let again = server
+        .export_memory(store.as_ref(), new, &opts, &DirtyPages::Handler)
+        .unwrap();
     assert!(
         matches!(again, thaw_server::export::Exported::AlreadyStored(_)),
         "{again:?}"
@@ -1643,9 +1647,28 @@ fn thaw_uffd_control_snapshots_the_guest_memory() {
     assert_eq!(info["memfd"], true);
     assert_eq!(info["state"], "serving");
     assert_eq!(info["dirty_pages"], pages.div_ceil(4) as u64, "{info}");
+    // Where the dirty pages come from must be said; a bitmap must fit the memfile.
     let new = uuid::Uuid::new_v4().to_string();
+    let post = |body: serde_json::Value| {
+        thaw_server::control::call(
+            &control,
+            "POST",
+            "/v1/memory/snapshot",
+            Some(serde_json::to_vec(&body).unwrap()),
+        )
+        .unwrap()
+    };
+    let (status, body) = post(serde_json::json!({ "new_build_id": new }));
+    let body = String::from_utf8_lossy(&body);
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("dirty_bitmap"), "{body}");
+    let (status, body) = post(serde_json::json!({ "new_build_id": new, "dirty_bitmap": [1, 2] }));
+    let body = String::from_utf8_lossy(&body);
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("words"), "{body}");
     let reply = ctl(&[
         "memory-snapshot",
+        "--dirty-from-handler",
         "--new-build",
         &new,
         "--codec",
@@ -1662,6 +1685,7 @@ fn thaw_uffd_control_snapshots_the_guest_memory() {
     );
     let again = ctl(&[
         "memory-snapshot",
+        "--dirty-from-handler",
         "--new-build",
         &new,
         "--codec",
@@ -1754,11 +1778,36 @@ fn memory_exports_with_every_codec_into_file_and_fake_gcs() {
             let run = rng.random_range(0..pages - 8);
             let mut touched: Vec<usize> = (run..run + 8).collect();
             touched.extend((0..6).map(|_| rng.random_range(0..pages)));
-            for p in touched {
+            for &p in &touched {
                 let off = p * PAGE_SIZE as usize + rng.random_range(0..PAGE_SIZE as usize / 8) * 8;
                 let v = rng.random::<u64>() | 1;
                 mem.write_u64(off, v);
                 model[off..off + 8].copy_from_slice(&v.to_ne_bytes());
+            }
+            // A page read first (installed by a read fault), then written: with MISSING-only
+            // registration the write never reaches the handler, so only Firecracker's dirty
+            // bitmap knows it (the case `DirtyPages::Bitmap` exists for).
+            let rw = (0..pages)
+                .map(|_| rng.random_range(0..pages))
+                .find(|p| !touched.contains(p))
+                .unwrap();
+            let off = rw * PAGE_SIZE as usize;
+            assert!(
+                *mem.slice(off, 8) == model[off..off + 8],
+                "{what}: page {rw}"
+            );
+            let v = rng.random::<u64>() | 1;
+            mem.write_u64(off, v);
+            model[off..off + 8].copy_from_slice(&v.to_ne_bytes());
+            let handler_dirty = server.memory_changes().dirty;
+            assert!(
+                !handler_dirty.iter().any(|r| r.contains(&(rw as u64))),
+                "{what}: the handler saw a write to a page it had installed"
+            );
+            touched.push(rw);
+            let mut bitmap = vec![0u64; pages.div_ceil(64)];
+            for &p in &touched {
+                bitmap[p / 64] |= 1 << (p % 64);
             }
             let new = uuid::Uuid::new_v4();
             let opts = WriteOptions {
@@ -1769,7 +1818,9 @@ fn memory_exports_with_every_codec_into_file_and_fake_gcs() {
                 workers: 2,
                 progress: false,
             };
-            let out = server.export_memory(store.as_ref(), new, &opts).unwrap();
+            let out = server
+                .export_memory(store.as_ref(), new, &opts, &DirtyPages::Bitmap(bitmap))
+                .unwrap();
             assert!(
                 matches!(out, thaw_server::export::Exported::Stored(_)),
                 "{what}: {out:?}"

@@ -105,6 +105,9 @@ pub struct HandlerSnapshotArgs {
     /// The new layer.
     #[command(flatten)]
     pub layer: LayerArgs,
+    /// The dirty pages.
+    #[command(flatten)]
+    pub dirty: DirtyArgs,
 }
 
 /// `thaw ctl handler-prefetch` arguments.
@@ -192,7 +195,57 @@ impl LayerArgs {
             header_version: Some(self.header_version),
             writes,
             after,
+            dirty_bitmap: None,
+            dirty_from_handler: None,
         }
+    }
+}
+
+/// Where a memory snapshot's dirty pages come from (one of the two is required).
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct DirtyArgs {
+    /// Firecracker's dirty page bitmap of the paused VM: a JSON file holding the reply of its
+    /// `GET /memory/dirty` (`{"bitmap": [u64, ...]}`) or the bare array; `-` reads stdin.
+    #[arg(long, value_name = "FILE")]
+    pub dirty_bitmap: Option<PathBuf>,
+    /// The handler's own dirty tracking is exact: Firecracker resolves write-protect faults
+    /// through it (`use_sync_wp`). Without that, writes to pages the handler already installed
+    /// never reach it.
+    #[arg(long)]
+    pub dirty_from_handler: bool,
+}
+
+impl DirtyArgs {
+    /// `req` with the dirty-page source set.
+    fn apply(&self, mut req: SnapshotRequest) -> anyhow::Result<SnapshotRequest> {
+        #[derive(serde::Deserialize)]
+        #[serde(untagged)]
+        enum Bitmap {
+            Reply { bitmap: Vec<u64> },
+            Words(Vec<u64>),
+        }
+        if let Some(path) = &self.dirty_bitmap {
+            let text = if path.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin())
+                    .context("reading the bitmap from stdin")?
+            } else {
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("reading the dirty bitmap {}", path.display()))?
+            };
+            let words = match serde_json::from_str::<Bitmap>(&text).with_context(|| {
+                format!(
+                    "--dirty-bitmap {}: expected {{\"bitmap\": [u64, ...]}} or [u64, ...]",
+                    path.display()
+                )
+            })? {
+                Bitmap::Reply { bitmap } | Bitmap::Words(bitmap) => bitmap,
+            };
+            req.dirty_bitmap = Some(words);
+        } else if self.dirty_from_handler {
+            req.dirty_from_handler = Some(true);
+        }
+        Ok(req)
     }
 }
 
@@ -202,6 +255,9 @@ pub struct MemorySnapshotArgs {
     /// The new layer.
     #[command(flatten)]
     pub layer: LayerArgs,
+    /// The dirty pages.
+    #[command(flatten)]
+    pub dirty: DirtyArgs,
 }
 
 /// `thaw ctl snapshot` arguments.
@@ -276,7 +332,7 @@ pub fn run(args: &CtlArgs) -> anyhow::Result<()> {
         }
         CtlAction::Memory => call(&args.control, "GET", "/v1/memory", None)?,
         CtlAction::MemorySnapshot(s) => {
-            let req = s.layer.request(None, None);
+            let req = s.dirty.apply(s.layer.request(None, None))?;
             call(
                 &args.control,
                 "POST",
@@ -309,7 +365,7 @@ pub fn run(args: &CtlArgs) -> anyhow::Result<()> {
             call(&args.control, "DELETE", &uri, None)?
         }
         CtlAction::HandlerSnapshot(a) => {
-            let req = a.layer.request(None, None);
+            let req = a.dirty.apply(a.layer.request(None, None))?;
             let uri = format!("/v1/handlers/{}/snapshot", percent_path(&a.name));
             call(
                 &args.control,

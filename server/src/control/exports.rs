@@ -676,6 +676,7 @@ async fn snapshot(
             format!("export {name:?} is read-only: it has no changes to snapshot"),
         ));
     }
+    req.no_memory_fields()?;
     let opts = write_options(&req)?;
     let store: Arc<dyn Store> = match &req.to {
         Some(url) => {

@@ -276,6 +276,11 @@ async fn snapshot(
             ),
         ));
     }
+    let dirty = req.dirty_pages()?;
+    // A bitmap that does not fit the memfile is the caller's mistake (400), found before any
+    // work.
+    m.memory_changes_with(&dirty)
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("{e:#}")))?;
     let opts = write_options(&req)?;
     let store: Arc<dyn Store> = match &req.to {
         Some(url) => {
@@ -288,7 +293,7 @@ async fn snapshot(
     let job_store = Arc::clone(&store);
     let job = Arc::clone(&m);
     let result = tokio::task::spawn_blocking(move || {
-        job.export_memory(job_store.as_ref(), new_build, &opts)
+        job.export_memory(job_store.as_ref(), new_build, &opts, &dirty)
     })
     .await;
     let held_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);

@@ -87,6 +87,53 @@ pub struct SnapshotRequest {
     /// Then: `resume` (default) or `close`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub after: Option<After>,
+    /// Memory only: Firecracker's dirty page bitmap (`GET /memory/dirty` of the paused VM, its
+    /// `bitmap` words: bit `i` of word `j` is page `64 j + i`), united with the handler's own
+    /// dirty pages. A memory snapshot needs this or `dirty_from_handler`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dirty_bitmap: Option<Vec<u64>>,
+    /// Memory only: the handler's own dirty tracking is exact (Firecracker resolves
+    /// write-protect faults through it, `use_sync_wp`), so no bitmap is needed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dirty_from_handler: Option<bool>,
+}
+
+impl SnapshotRequest {
+    /// The dirty-page source a memory snapshot asked for.
+    ///
+    /// # Errors
+    /// Neither or both given (400).
+    fn dirty_pages(&self) -> Result<crate::uffd::DirtyPages, ApiError> {
+        match (&self.dirty_bitmap, self.dirty_from_handler.unwrap_or(false)) {
+            (Some(words), false) => Ok(crate::uffd::DirtyPages::Bitmap(words.clone())),
+            (None, true) => Ok(crate::uffd::DirtyPages::Handler),
+            (Some(_), true) => Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                "give dirty_bitmap or dirty_from_handler, not both".into(),
+            )),
+            (None, false) => Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                "a memory snapshot needs the guest's dirty pages: dirty_bitmap (Firecracker's \
+                 GET /memory/dirty of the paused VM) or dirty_from_handler: true when \
+                 Firecracker resolves write-protect faults through this handler (use_sync_wp); \
+                 otherwise a write to a page the handler already installed never reaches it"
+                    .into(),
+            )),
+        }
+    }
+
+    /// Refuses the memory-only fields on a disk snapshot.
+    fn no_memory_fields(&self) -> Result<(), ApiError> {
+        if self.dirty_bitmap.is_some() || self.dirty_from_handler.is_some() {
+            return Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                "dirty_bitmap and dirty_from_handler apply to memory snapshots; a disk export's \
+                 changes are its overlay's"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// The reply to a snapshot.
