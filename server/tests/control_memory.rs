@@ -18,6 +18,9 @@
     reason = "test images are a few MiB and the tests run on 64-bit Linux"
 )]
 
+#[path = "common/guest.rs"]
+mod guest;
+
 use std::io::BufRead;
 use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
@@ -33,87 +36,12 @@ use thaw_server::uffd::{DirtyPages, UffdOptions, serve_uffd};
 use thaw_server::writer::WriteOptions;
 use thaw_uffd::{HandlerConfig, ioctl};
 
+use guest::{Mem, send_with_fd};
+
 const PS: usize = PAGE_SIZE as usize;
 
 // ---------------------------------------------------------------------------------------------
 // Fixtures
-
-/// Anonymous memory: the fake Firecracker's guest memory (private: the forked child registers
-/// its own copy) or a report page shared with it.
-struct Mem {
-    map: *mut libc::c_void,
-    len: usize,
-}
-
-// SAFETY: the mapping stays valid until drop; it is only accessed by volatile reads and writes
-// of bytes inside it.
-unsafe impl Send for Mem {}
-// SAFETY: as above.
-unsafe impl Sync for Mem {}
-
-impl Mem {
-    fn new(len: usize, shared: bool) -> Self {
-        let flags = if shared {
-            libc::MAP_SHARED
-        } else {
-            libc::MAP_PRIVATE
-        };
-        // SAFETY: a fresh anonymous mapping at a kernel-chosen address.
-        let map = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                flags | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(map, libc::MAP_FAILED, "mmap");
-        Self { map, len }
-    }
-
-    fn addr(&self) -> u64 {
-        self.map as u64
-    }
-
-    fn slice(&self, offset: usize, len: usize) -> &[u8] {
-        assert!(offset + len <= self.len);
-        // SAFETY: inside the live mapping; a fault blocks until the handler installs the page.
-        unsafe { std::slice::from_raw_parts(self.map.cast::<u8>().wrapping_add(offset), len) }
-    }
-
-    fn read_u64(&self, offset: usize) -> u64 {
-        assert!(offset + 8 <= self.len);
-        // SAFETY: inside the live mapping, 8-byte aligned by the callers.
-        unsafe {
-            self.map
-                .cast::<u8>()
-                .wrapping_add(offset)
-                .cast::<u64>()
-                .read_volatile()
-        }
-    }
-
-    fn write_u64(&self, offset: usize, v: u64) {
-        assert!(offset + 8 <= self.len);
-        // SAFETY: inside the live, writable mapping, 8-byte aligned by the callers.
-        unsafe {
-            self.map
-                .cast::<u8>()
-                .wrapping_add(offset)
-                .cast::<u64>()
-                .write_volatile(v);
-        }
-    }
-}
-
-impl Drop for Mem {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the mapping `new` created.
-        unsafe { libc::munmap(self.map, self.len) };
-    }
-}
 
 /// The value the guest writes at byte 8 of page `p` (pages `p % 3 == 0`).
 fn written(p: usize) -> u64 {
@@ -159,8 +87,8 @@ impl Vm {
     /// waits, "paused", for the test's command: `VERIFY_REST` compares pages `p % 3 == 2` with
     /// `expected` (`VERIFIED` or `MISMATCH`), `EXIT` exits 0.
     fn fork(socket: &Path, expected: &[u8]) -> Self {
-        let mem = Mem::new(expected.len(), false);
-        let report = Mem::new(4096, true);
+        let mem = Mem::new(expected.len(), 4096, false);
+        let report = Mem::new(4096, 4096, true);
         // SAFETY: sockaddr_un is plain data; zero is valid.
         let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
         addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
@@ -329,36 +257,6 @@ fn vm_main(mem: &Mem, report: &Mem, addr: &libc::sockaddr_un, json: &[u8], expec
             _ => nap(),
         }
     }
-}
-
-/// `sendmsg` of `data` with `fd` as SCM_RIGHTS (Firecracker's handshake). Allocation-free.
-fn send_with_fd(sock: RawFd, data: &[u8], fd: RawFd) -> bool {
-    let mut control = [0u64; 4];
-    let mut iov = libc::iovec {
-        iov_base: data.as_ptr().cast_mut().cast(),
-        iov_len: data.len(),
-    };
-    // SAFETY: msghdr is plain data; zero is a valid empty value.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &raw mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr().cast();
-    // SAFETY: pure size computation.
-    msg.msg_controllen = unsafe { libc::CMSG_SPACE(4) } as usize;
-    // SAFETY: the 32-byte control buffer holds CMSG_SPACE(4).
-    let cmsg = unsafe { libc::CMSG_FIRSTHDR(&raw const msg) };
-    // SAFETY: `cmsg` points at the start of `control`, live and aligned.
-    let hdr = unsafe { &mut *cmsg };
-    hdr.cmsg_level = libc::SOL_SOCKET;
-    hdr.cmsg_type = libc::SCM_RIGHTS;
-    // SAFETY: pure size computation.
-    hdr.cmsg_len = unsafe { libc::CMSG_LEN(4) } as usize;
-    // SAFETY: CMSG_DATA of the header inside `control`.
-    let data = unsafe { libc::CMSG_DATA(cmsg) }.cast::<RawFd>();
-    // SAFETY: one fd fits after the header inside `control`.
-    unsafe { data.write_unaligned(fd) };
-    // SAFETY: `msg` points at live buffers for the duration of the call.
-    unsafe { libc::sendmsg(sock, &raw const msg, 0) >= 0 }
 }
 
 /// A two-layer chain of one memfile of `size` bytes in `dir/store`.

@@ -16,6 +16,8 @@
 
 #[path = "common/gcs.rs"]
 mod gcs_common;
+#[path = "common/guest.rs"]
+mod guest;
 
 use std::fs;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
@@ -37,165 +39,10 @@ use thaw_server::uffd::{DirtyPages, UffdOptions, UffdServer, serve_file, serve_u
 use thaw_server::writer::{WriteOptions, store_build_file};
 use thaw_uffd::{ErrorKind, Exit, HandlerConfig, PageState, ioctl};
 
+use guest::{Mem, region_json, send_with_fd, send_with_fds};
+
 // ---------------------------------------------------------------------------------------------
 // Fixtures
-
-/// Anonymous memory owned by the test (guest memory of the fake Firecracker).
-struct Mem {
-    map: *mut libc::c_void,
-    map_len: usize,
-    base: *mut u8,
-    len: usize,
-}
-
-// SAFETY: the mapping stays valid until drop; the tests access it only through raw pointer reads
-// and writes of bytes inside it.
-unsafe impl Send for Mem {}
-// SAFETY: as above.
-unsafe impl Sync for Mem {}
-
-impl Mem {
-    fn new(len: usize, align: usize, shared: bool) -> Self {
-        let map_len = len + align;
-        let flags = if shared {
-            libc::MAP_SHARED
-        } else {
-            libc::MAP_PRIVATE
-        };
-        // SAFETY: a fresh anonymous mapping at a kernel-chosen address.
-        let map = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                map_len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                flags | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(map, libc::MAP_FAILED, "mmap");
-        let base = (map as usize).next_multiple_of(align) as *mut u8;
-        Self {
-            map,
-            map_len,
-            base,
-            len,
-        }
-    }
-
-    /// `len` bytes of `fd` (a memfd), `MAP_SHARED`: guest memory backed by a memfd, as e2b's
-    /// Firecracker fork has it.
-    fn shared_file(fd: RawFd, len: usize) -> Self {
-        // SAFETY: a fresh shared mapping of `len` bytes of a file the caller sized to `len`.
-        let map = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd,
-                0,
-            )
-        };
-        assert_ne!(map, libc::MAP_FAILED, "mmap of the memfd");
-        Self {
-            map,
-            map_len: len,
-            base: map.cast(),
-            len,
-        }
-    }
-
-    fn addr(&self) -> u64 {
-        self.base as u64
-    }
-
-    /// The bytes `offset..offset + len` (faulting them in).
-    fn slice(&self, offset: usize, len: usize) -> &[u8] {
-        assert!(offset + len <= self.len);
-        // SAFETY: inside the live mapping; the bytes are only read here, and the kernel fills
-        // them before the read returns (a fault blocks until the handler installs the page).
-        unsafe { std::slice::from_raw_parts(self.base.wrapping_add(offset), len) }
-    }
-
-    fn write_byte(&self, offset: usize, v: u8) {
-        assert!(offset < self.len);
-        // SAFETY: inside the live, writable mapping.
-        unsafe { self.base.wrapping_add(offset).write_volatile(v) };
-    }
-
-    fn read_u64(&self, offset: usize) -> u64 {
-        assert!(offset + 8 <= self.len);
-        // SAFETY: inside the live mapping, 8-byte aligned by the callers.
-        unsafe { self.base.wrapping_add(offset).cast::<u64>().read_volatile() }
-    }
-
-    fn write_u64(&self, offset: usize, v: u64) {
-        assert!(offset + 8 <= self.len);
-        // SAFETY: inside the live mapping, 8-byte aligned by the callers.
-        unsafe {
-            self.base
-                .wrapping_add(offset)
-                .cast::<u64>()
-                .write_volatile(v)
-        };
-    }
-}
-
-impl Drop for Mem {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the mapping `new` created.
-        unsafe { libc::munmap(self.map, self.map_len) };
-    }
-}
-
-fn region_json(base: u64, size: u64, page_size: u64) -> String {
-    format!(
-        r#"[{{"base_host_virt_addr":{base},"size":{size},"offset":0,"page_size":{page_size},"page_size_kib":{page_size}}}]"#
-    )
-}
-
-/// `sendmsg` of `data` with `fd` as SCM_RIGHTS, as Firecracker sends its handshake.
-/// Allocation-free (a forked child calls it).
-fn send_with_fd(sock: RawFd, data: &[u8], fd: RawFd) -> bool {
-    send_with_fds(sock, data, &[fd])
-}
-
-/// `sendmsg` of `data` with up to 8 `fds` as one SCM_RIGHTS message (e2b's fork sends the uffd
-/// and a memfd). Allocation-free.
-fn send_with_fds(sock: RawFd, data: &[u8], fds: &[RawFd]) -> bool {
-    assert!(!fds.is_empty() && fds.len() <= 8);
-    let bytes = (4 * fds.len()) as u32;
-    let mut control = [0u64; 8];
-    let mut iov = libc::iovec {
-        iov_base: data.as_ptr().cast_mut().cast(),
-        iov_len: data.len(),
-    };
-    // SAFETY: msghdr is plain data; zero is a valid empty value.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &raw mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr().cast();
-    // SAFETY: pure size computation.
-    msg.msg_controllen = unsafe { libc::CMSG_SPACE(bytes) } as usize;
-    // SAFETY: the 64-byte control buffer holds CMSG_SPACE(32).
-    let cmsg = unsafe { libc::CMSG_FIRSTHDR(&raw const msg) };
-    // SAFETY: `cmsg` points at the start of `control`, live and aligned.
-    let hdr = unsafe { &mut *cmsg };
-    hdr.cmsg_level = libc::SOL_SOCKET;
-    hdr.cmsg_type = libc::SCM_RIGHTS;
-    // SAFETY: pure size computation.
-    hdr.cmsg_len = unsafe { libc::CMSG_LEN(bytes) } as usize;
-    // SAFETY: CMSG_DATA of the header inside `control`.
-    let out = unsafe { libc::CMSG_DATA(cmsg) }.cast::<RawFd>();
-    for (i, &fd) in fds.iter().enumerate() {
-        let at = out.wrapping_add(i);
-        // SAFETY: at most 8 fds (32 bytes) fit after the header inside `control`.
-        unsafe { at.write_unaligned(fd) };
-    }
-    // SAFETY: `msg` points at live buffers for the duration of the call.
-    unsafe { libc::sendmsg(sock, &raw const msg, 0) >= 0 }
-}
 
 /// What the forked fake Firecracker does once its memory is registered.
 struct ChildPlan<'a> {
@@ -1451,28 +1298,23 @@ impl MemfdGuest {
     }
 }
 
-/// Memory export at pause (issue 6): a VM whose guest memory is a memfd (e2b's `use_memfd`)
-/// writes some pages at their first touch and only reads others; the handler's change set
-/// (dirty = written, zero = installed as zeros) is exported as a new memfile layer read from the
-/// memfd, and a fresh engine reads the new build back exactly as the guest memory was.
-#[test]
-fn the_guest_memory_exports_as_a_new_layer_from_the_memfd() {
-    let dir = tempfile::tempdir().unwrap();
-    let (store, manifest) = chain(dir.path(), &spec(CompressionType::Zstd, PAGE_SIZE, 61));
-    let top = manifest.top().unwrap();
-    let expected = fs::read(&top.files["memfile"].flat).unwrap();
-    let size = expected.len();
-    let pages = size / PAGE_SIZE as usize;
-    let engine = Engine::new(sim_over(Arc::clone(&store), 1), engine_config()).unwrap();
-
-    let MemfdGuest { memfd, mem, uffd } = MemfdGuest::new(size);
-    let socket = socket_path(dir.path());
-    let _ = fs::remove_file(&socket);
-    let listener = UnixListener::bind(&socket).unwrap();
-    let json = region_json(mem.addr(), size as u64, PAGE_SIZE);
-    let (uffd_raw, memfd_raw) = (uffd.as_raw_fd(), memfd.as_raw_fd());
+/// A [`MemfdGuest`] of `size` bytes served `build` by an in-process handler listening on
+/// `socket`: the uffd and the memfd go over in one SCM_RIGHTS message, as e2b's Firecracker
+/// sends them; the connection is returned (closing it tells the handler the VM went away). The
+/// handler does not kill this process on failure.
+fn serve_memfd_guest(
+    engine: &Engine,
+    build: thaw_codec::BuildId,
+    size: usize,
+    socket: &Path,
+) -> (MemfdGuest, UffdServer, UnixStream) {
+    let guest = MemfdGuest::new(size);
+    let listener = UnixListener::bind(socket).unwrap();
+    let json = region_json(guest.mem.addr(), size as u64, PAGE_SIZE);
+    let (uffd_raw, memfd_raw) = (guest.uffd.as_raw_fd(), guest.memfd.as_raw_fd());
+    let path = socket.to_path_buf();
     let client = std::thread::spawn(move || {
-        let s = UnixStream::connect(&socket).unwrap();
+        let s = UnixStream::connect(&path).unwrap();
         assert!(send_with_fds(
             s.as_raw_fd(),
             json.as_bytes(),
@@ -1489,8 +1331,29 @@ fn the_guest_memory_exports_as_a_new_layer_from_the_memfd() {
         },
         ..UffdOptions::default()
     };
-    let server = serve_uffd(&engine, top.build_id, &listener, &options).unwrap();
-    let _client = client.join().unwrap();
+    let server = serve_uffd(engine, build, &listener, &options).unwrap();
+    let conn = client.join().unwrap();
+    (guest, server, conn)
+}
+
+/// Memory export at pause (issue 6): a VM whose guest memory is a memfd (e2b's `use_memfd`)
+/// writes some pages at their first touch and only reads others; the handler's change set
+/// (dirty = written, zero = installed as zeros) is exported as a new memfile layer read from the
+/// memfd, and a fresh engine reads the new build back exactly as the guest memory was.
+#[test]
+fn the_guest_memory_exports_as_a_new_layer_from_the_memfd() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, manifest) = chain(dir.path(), &spec(CompressionType::Zstd, PAGE_SIZE, 61));
+    let top = manifest.top().unwrap();
+    let expected = fs::read(&top.files["memfile"].flat).unwrap();
+    let size = expected.len();
+    let pages = size / PAGE_SIZE as usize;
+    let engine = Engine::new(sim_over(Arc::clone(&store), 1), engine_config()).unwrap();
+
+    let socket = socket_path(dir.path());
+    let _ = fs::remove_file(&socket);
+    let (guest, server, _conn) = serve_memfd_guest(&engine, top.build_id, size, &socket);
+    let mem = &guest.mem;
     assert!(server.memfd().is_some());
 
     // The guest: pages % 3 == 0 written at their first touch (a write fault: Dirty), pages
@@ -1547,7 +1410,7 @@ fn the_guest_memory_exports_as_a_new_layer_from_the_memfd() {
     if let Some(i) = all.iter().zip(&model).position(|(a, b)| a != b) {
         panic!("the exported memory differs from the guest's at byte {i}");
     }
-    drop(mem);
+    drop(guest);
 }
 
 /// `thaw uffd --control` and `thaw ctl memory` / `memory-snapshot`: this process plays a
@@ -1748,31 +1611,9 @@ fn memory_exports_with_every_codec_into_file_and_fake_gcs() {
             let (codec, level) = codecs[cycle % codecs.len()];
             let what = format!("{name} cycle {cycle} {codec:?}");
             let engine = Engine::new(Arc::clone(&store), engine_config()).unwrap();
-            let MemfdGuest { memfd, mem, uffd } = MemfdGuest::new(size);
             let socket = dir.path().join(format!("{name}-{cycle}.sock"));
-            let listener = UnixListener::bind(&socket).unwrap();
-            let json = region_json(mem.addr(), size as u64, PAGE_SIZE);
-            let (uffd_raw, memfd_raw) = (uffd.as_raw_fd(), memfd.as_raw_fd());
-            let client = std::thread::spawn(move || {
-                let s = UnixStream::connect(&socket).unwrap();
-                assert!(send_with_fds(
-                    s.as_raw_fd(),
-                    json.as_bytes(),
-                    &[uffd_raw, memfd_raw]
-                ));
-                s
-            });
-            let options = UffdOptions {
-                handshake_timeout: Duration::from_secs(20),
-                kill_peer_on_handshake_error: false,
-                handler: HandlerConfig {
-                    kill_peer_on_failure: false,
-                    ..HandlerConfig::default()
-                },
-                ..UffdOptions::default()
-            };
-            let server = serve_uffd(&engine, build, &listener, &options).unwrap();
-            let _client = client.join().unwrap();
+            let (guest, server, _conn) = serve_memfd_guest(&engine, build, size, &socket);
+            let mem = &guest.mem;
 
             // A run of pages and a few scattered ones, each written at a random place.
             let run = rng.random_range(0..pages - 8);
@@ -1827,7 +1668,7 @@ fn memory_exports_with_every_codec_into_file_and_fake_gcs() {
             );
             server.stop();
             drop(server.join());
-            drop(mem);
+            drop(guest);
 
             let fresh = Engine::new(Arc::clone(&store), engine_config()).unwrap();
             let f = fresh.open(new, FileKind::Memfile).unwrap();
