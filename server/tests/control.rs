@@ -467,7 +467,7 @@ fn snapshots_round_trip_through_fake_gcs() {
     let mut model = std::fs::read(&top.files["rootfs.ext4"].flat).unwrap();
     let mut build = top.build_id;
     let mut rng = SmallRng::seed_from_u64(62);
-    for (cycle, codec) in ["zstd:2", "lz4"].into_iter().enumerate() {
+    for (cycle, codec) in ["zstd:2", "lz4", "none"].into_iter().enumerate() {
         let control = scratch.path().join(format!("gcs-{cycle}.sock"));
         let control_s = control.display().to_string();
         let serve = Serve::start_with(
