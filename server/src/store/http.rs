@@ -579,6 +579,9 @@ struct Op<'a> {
     start: Instant,
     deadline: tokio::time::Instant,
     attempts: u32,
+    /// Why the latest retried attempt failed: named in the error when a later attempt ends the
+    /// operation for another reason (the budget running out mid-attempt).
+    retried: Option<String>,
 }
 
 impl Op<'_> {
@@ -606,6 +609,7 @@ impl Op<'_> {
                 tracing::debug!(store = %c.store_url, key = self.key, op = self.name,
                     attempt = self.attempts, error = %f.detail, "retrying");
                 std::thread::sleep(sleep);
+                self.retried = Some(f.detail);
                 return None;
             }
         }
@@ -615,12 +619,16 @@ impl Op<'_> {
     /// The operation's error: store URL, key, operation, detail, attempts and elapsed time.
     fn error(&self, kind: StoreErrorKind, detail: &str) -> StoreError {
         let plural = if self.attempts == 1 { "" } else { "s" };
+        let before = match &self.retried {
+            Some(r) if r != detail => format!("; the attempt before: {r}"),
+            _ => String::new(),
+        };
         StoreError::new(
             kind,
             self.client.store_url.clone(),
             self.key,
             format!(
-                "{}: {detail} ({} attempt{plural} in {:.3}s)",
+                "{}: {detail}{before} ({} attempt{plural} in {:.3}s)",
                 self.what,
                 self.attempts,
                 self.start.elapsed().as_secs_f64()
@@ -725,6 +733,7 @@ impl HttpClient {
             start: Instant::now(),
             deadline: tokio::time::Instant::now() + self.config.budget,
             attempts: 0,
+            retried: None,
         }
     }
 
