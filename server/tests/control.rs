@@ -18,35 +18,14 @@ mod gcs_common;
 mod nbd_common;
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 
-use nbd_common::{Chain, NbdCmd, Raw, Serve, nbdcopy_to_vec};
+use nbd_common::{Chain, NbdCmd, Raw, Serve, ctl, ctl_json, nbdcopy_to_vec};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use thaw_codec::BuildId;
 
 const SIZE: u64 = 8 * 1024 * 1024;
-
-fn ctl(control: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_thaw"))
-        .arg("ctl")
-        .arg("--control")
-        .arg(control)
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn ctl_json(control: &Path, args: &[&str]) -> serde_json::Value {
-    let out = ctl(control, args);
-    assert!(
-        out.status.success(),
-        "thaw ctl {args:?}: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
 
 /// Random writes, zero writes and trims through a raw NBD connection, mirrored in `model`.
 fn write_session(sock: &Path, name: &str, model: &mut [u8], rng: &mut SmallRng) {

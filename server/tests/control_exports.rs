@@ -21,12 +21,12 @@ use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use nbd_common::{Chain, NbdCmd, Raw, Serve, nbdcopy_to_vec, request_bytes, run};
+use nbd_common::{Chain, NbdCmd, Raw, Serve, ctl, ctl_json, nbdcopy_to_vec, request_bytes, run};
 use thaw_codec::nbd::consts::{SIMPLE_REPLY_LEN, SIMPLE_REPLY_MAGIC};
 
 const SIZE: u64 = 8 * 1024 * 1024;
@@ -50,27 +50,6 @@ fn api_err(control: &Path, method: &str, uri: &str, body: Option<&str>, status: 
         msg.contains(needle),
         "{method} {uri} {body:?}: {msg:?} lacks {needle:?}"
     );
-}
-
-fn ctl(control: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_thaw"))
-        .arg("ctl")
-        .arg("--control")
-        .arg(control)
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn ctl_json(control: &Path, args: &[&str]) -> serde_json::Value {
-    let out = ctl(control, args);
-    assert!(
-        out.status.success(),
-        "thaw ctl {args:?}: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 fn listed(control: &Path) -> HashMap<String, serde_json::Value> {

@@ -626,7 +626,7 @@ impl XmlApi for GcsXmlApi {
         "x-goog-meta-"
     }
 
-    fn send(&self, req: XmlRequest<'_>) -> Result<XmlResponse, StoreError> {
+    fn send(&self, mut req: XmlRequest<'_>) -> Result<XmlResponse, StoreError> {
         let store = &self.store;
         let object = store.object(req.key)?;
         // Path-style: `{xml endpoint}/{bucket}/{object}`, each segment escaped, `/` kept.
@@ -647,19 +647,8 @@ impl XmlApi for GcsXmlApi {
             XmlMethod::Post => Method::POST,
             XmlMethod::Delete => Method::DELETE,
         };
-        let label = match req.method {
-            XmlMethod::Put if req.query.is_empty() => "put",
-            XmlMethod::Put => "upload_part",
-            XmlMethod::Delete => "abort",
-            _ => "multipart",
-        };
-        let mut headers = req.headers;
-        if req.method == XmlMethod::Put && !headers.iter().any(|(n, _)| n == "content-type") {
-            headers.push((
-                "content-type".to_owned(),
-                "application/octet-stream".to_owned(),
-            ));
-        }
+        let label = req.metric_op();
+        let headers = req.take_headers();
         let body = bytes::Bytes::from(req.body);
         let max = u64::try_from(MAX_XML_BODY).unwrap_or(u64::MAX);
         let resp = store.execute(label, req.key, req.op, max, &|| {
@@ -669,15 +658,11 @@ impl XmlApi for GcsXmlApi {
             }
             Ok(r)
         })?;
-        Ok(XmlResponse {
-            status: resp.status.as_u16(),
-            headers: resp
-                .headers
-                .iter()
-                .filter_map(|(n, v)| Some((n.as_str().to_owned(), v.to_str().ok()?.to_owned())))
-                .collect(),
-            body: resp.body.to_vec(),
-        })
+        Ok(XmlResponse::from_parts(
+            resp.status,
+            &resp.headers,
+            &resp.body,
+        ))
     }
 }
 

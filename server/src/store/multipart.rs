@@ -117,6 +117,48 @@ pub struct XmlRequest<'a> {
     pub body: Vec<u8>,
 }
 
+impl XmlRequest<'_> {
+    /// The request's `op` label in the store metrics: `put`, `upload_part`, `abort` or
+    /// `multipart` (initiate, complete, list).
+    pub fn metric_op(&self) -> &'static str {
+        match self.method {
+            Method::Put if self.query.is_empty() => "put",
+            Method::Put => "upload_part",
+            Method::Delete => "abort",
+            _ => "multipart",
+        }
+    }
+
+    /// Takes the headers to send, with `content-type: application/octet-stream` added to a PUT
+    /// that names none: without it some servers (moto's Werkzeug) read the body as a form and
+    /// drop it.
+    pub fn take_headers(&mut self) -> Vec<(String, String)> {
+        let mut headers = std::mem::take(&mut self.headers);
+        if self.method == Method::Put && !headers.iter().any(|(n, _)| n == "content-type") {
+            headers.push((
+                "content-type".to_owned(),
+                "application/octet-stream".to_owned(),
+            ));
+        }
+        headers
+    }
+}
+
+impl XmlResponse {
+    /// The response of a sent request: its status, its headers that are valid strings, and its
+    /// body.
+    pub fn from_parts(status: http::StatusCode, headers: &http::HeaderMap, body: &[u8]) -> Self {
+        Self {
+            status: status.as_u16(),
+            headers: headers
+                .iter()
+                .filter_map(|(n, v)| Some((n.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+                .collect(),
+            body: body.to_vec(),
+        }
+    }
+}
+
 /// A backend speaking the XML object API: it authorizes and sends requests.
 pub trait XmlApi: Send + Sync + fmt::Debug + 'static {
     /// The store URL, for messages.

@@ -584,21 +584,9 @@ impl XmlApi for S3Api {
         META_PREFIX
     }
 
-    fn send(&self, req: XmlRequest<'_>) -> Result<XmlResponse, StoreError> {
-        let label = match req.method {
-            Method::Put if req.query.is_empty() => "put",
-            Method::Put => "upload_part",
-            Method::Delete => "abort",
-            _ => "multipart",
-        };
-        let mut headers = req.headers;
-        if req.method == Method::Put && !headers.iter().any(|(n, _)| n == "content-type") {
-            // Without it some servers (moto's Werkzeug) read the body as a form and drop it.
-            headers.push((
-                "content-type".to_owned(),
-                "application/octet-stream".to_owned(),
-            ));
-        }
+    fn send(&self, mut req: XmlRequest<'_>) -> Result<XmlResponse, StoreError> {
+        let label = req.metric_op();
+        let headers = req.take_headers();
         let resp = self.execute(
             label,
             req.op,
@@ -611,15 +599,11 @@ impl XmlApi for S3Api {
                 max_body: u64::try_from(MAX_XML_BODY).unwrap_or(u64::MAX),
             },
         )?;
-        Ok(XmlResponse {
-            status: resp.status.as_u16(),
-            headers: resp
-                .headers
-                .iter()
-                .filter_map(|(n, v)| Some((n.as_str().to_owned(), v.to_str().ok()?.to_owned())))
-                .collect(),
-            body: resp.body.to_vec(),
-        })
+        Ok(XmlResponse::from_parts(
+            resp.status,
+            &resp.headers,
+            &resp.body,
+        ))
     }
 }
 

@@ -655,3 +655,26 @@ pub fn tally<K: Ord + Copy>(keys: impl IntoIterator<Item = K>) -> BTreeMap<K, us
     }
     m
 }
+
+/// `thaw ctl --control CONTROL ARGS...`: its output, whatever the exit status.
+pub fn ctl(control: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_thaw"))
+        .arg("ctl")
+        .arg("--control")
+        .arg(control)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// `thaw ctl --control CONTROL ARGS...`, which must succeed: its JSON reply.
+pub fn ctl_json(control: &Path, args: &[&str]) -> serde_json::Value {
+    let out = ctl(control, args);
+    assert!(
+        out.status.success(),
+        "thaw ctl {args:?}: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
