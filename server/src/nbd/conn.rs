@@ -24,7 +24,7 @@ use thaw_codec::nbd::{
 use tokio::sync::{Notify, Semaphore, watch};
 use tokio::time::Instant;
 
-use super::io::{OutBuf, Reader, Stream};
+use super::io::{OutBuf, Reader, Stream, consume};
 use super::overlay::{BaseBlocks, BlockState};
 use super::{Export, ExportConnGuard, ExportSet, Shared};
 use crate::engine::{LayeredFile, ReadBuf, Segment};
@@ -113,6 +113,7 @@ async fn transmit(
         held: RefCell::new(Vec::new()),
         headers: RefCell::new(Vec::new()),
         wake: Notify::new(),
+        writing: Cell::new(false),
         closed: Cell::new(false),
         broken: Cell::new(false),
     });
@@ -152,7 +153,9 @@ async fn writer(conn: Rc<Conn>) {
             continue;
         }
         if !conn.broken.get() {
+            conn.writing.set(true);
             let (res, back) = conn.stream.write_batch(batch).await;
+            conn.writing.set(false);
             batch = back;
             if let Err(e) = res {
                 log_io(conn.id, "reply", &e);
@@ -270,6 +273,8 @@ struct Conn {
     /// Written reply header buffers, reused by the READ fast path.
     headers: RefCell<Vec<Vec<u8>>>,
     wake: Notify,
+    /// The writer task has a batch on the ring: nothing else may write to the socket.
+    writing: Cell<bool>,
     closed: Cell<bool>,
     broken: Cell<bool>,
 }
@@ -285,16 +290,39 @@ impl Conn {
         self.wake.notify_one();
     }
 
-    /// Empties a written batch, keeping its small header buffers for reuse.
-    fn recycle(&self, batch: &mut Vec<OutBuf>) {
-        let mut pool = self.headers.borrow_mut();
-        for b in batch.drain(..) {
-            if pool.len() < HEADER_POOL
-                && let Some(v) = b.into_small_heap(HEADER_CAP)
-            {
-                pool.push(v);
+    /// Sends the queued replies straight from the request loop, before it waits for the next
+    /// request: one non-blocking `sendmsg`, no ring round trip and no writer wake-up (the common
+    /// case: a few cache-hit replies and a socket with room). Only when the writer has nothing
+    /// on the ring; whatever the socket does not take stays queued for the writer, which the
+    /// queueing already woke. Fully sent: the held permits go back.
+    fn flush_direct(&self) {
+        if self.writing.get() || self.broken.get() {
+            return;
+        }
+        let mut queue = self.queue.borrow_mut();
+        if queue.is_empty() {
+            return;
+        }
+        match self.stream.try_send(&queue) {
+            Ok(n) => {
+                let done = consume(&mut queue, n);
+                recycle_into(&mut self.headers.borrow_mut(), queue.drain(..done));
+                if queue.is_empty() {
+                    self.held.borrow_mut().clear();
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => {
+                log_io(self.id, "reply", &e);
+                self.broken.set(true);
+                self.stream.shutdown();
             }
         }
+    }
+
+    /// Empties a written batch, keeping its small header buffers for reuse.
+    fn recycle(&self, batch: &mut Vec<OutBuf>) {
+        recycle_into(&mut self.headers.borrow_mut(), batch.drain(..));
     }
 
     /// The READ fast path: the reply to a READ whose whole range is present in the cache inside
@@ -366,6 +394,10 @@ async fn request_loop(
         if shutting {
             tracing::debug!(conn = conn.id, "nbd: shutting down, draining");
             return Ok(());
+        }
+        if reader.buffered().len() < REQUEST_LEN {
+            // About to wait for the client: what is answered goes out now.
+            conn.flush_direct();
         }
         {
             let mut need = pin!(reader.need(stream, REQUEST_LEN));
@@ -455,6 +487,7 @@ async fn request_loop(
             inline_hits += 1;
             if inline_hits >= INLINE_HITS_PER_YIELD {
                 inline_hits = 0;
+                conn.flush_direct();
                 tokio::task::yield_now().await;
             }
             continue;
@@ -468,6 +501,17 @@ async fn request_loop(
             }
             c.hold(permit);
         });
+    }
+}
+
+/// Keeps the small header buffers of written replies in `pool` for reuse.
+fn recycle_into(pool: &mut Vec<Vec<u8>>, written: impl Iterator<Item = OutBuf>) {
+    for b in written {
+        if pool.len() < HEADER_POOL
+            && let Some(v) = b.into_small_heap(HEADER_CAP)
+        {
+            pool.push(v);
+        }
     }
 }
 

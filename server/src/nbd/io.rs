@@ -5,9 +5,10 @@
 //!
 //! # Safety model
 //!
-//! The one `unsafe` contract here is `IoBuf` for [`OutBuf`] (tokio-uring reads the bytes at
+//! The `unsafe` contract here is `IoBuf` for [`OutBuf`] (tokio-uring reads the bytes at
 //! `stable_ptr()..+bytes_init()` while the operation runs, and holds the buffer until the
-//! completion is reaped, even when the future is dropped). Every variant keeps its bytes alive
+//! completion is reaped, even when the future is dropped); [`Stream::try_send`] hands the same
+//! bytes to one synchronous `sendmsg`, under a borrow of the buffers. Every variant keeps its bytes alive
 //! and unmoved for as long as the `OutBuf` lives:
 //!
 //! - `Heap`: a `Vec<u8>` that is never resized after construction (heap storage does not move
@@ -25,6 +26,7 @@
 //! narrows ([`OutBuf::advance`]).
 
 use std::io;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use tokio_uring::BufResult;
@@ -39,6 +41,10 @@ static ZERO: [u8; ZERO_LEN] = [0; ZERO_LEN];
 
 /// Largest number of buffers handed to one `writev` (below `IOV_MAX`).
 const MAX_IOVECS: usize = 512;
+
+/// Largest number of buffers one [`Stream::try_send`] hands to `sendmsg` (an iovec array on
+/// the stack); the rest waits for the next call.
+const DIRECT_IOVECS: usize = 64;
 
 /// A connected client socket.
 pub enum Stream {
@@ -129,6 +135,45 @@ impl Stream {
         (self.write_all(rest).await, bufs)
     }
 
+    /// Sends what the socket takes right now, without waiting: one `sendmsg(MSG_DONTWAIT)` of the
+    /// first buffers of `bufs`, in order. Returns the bytes sent (0 when `bufs` is empty);
+    /// `WouldBlock` when the socket buffer is full. The reply writer uses it to answer without a
+    /// ring round trip when nothing is queued ahead (see `conn.rs`).
+    pub fn try_send(&self, bufs: &[OutBuf]) -> io::Result<usize> {
+        let mut iov = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; DIRECT_IOVECS];
+        let mut n = 0;
+        for (v, b) in iov.iter_mut().zip(bufs.iter().filter(|b| !b.is_empty())) {
+            v.iov_base = IoBuf::stable_ptr(b).cast_mut().cast();
+            v.iov_len = b.len();
+            n += 1;
+        }
+        if n == 0 {
+            return Ok(0);
+        }
+        // SAFETY: `msghdr` is plain data (pointers and integers); all zeroes is a valid value
+        // (no name, no control data).
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = iov.as_mut_ptr();
+        msg.msg_iovlen = n;
+        let fd = self.raw_fd();
+        // SAFETY: `fd` is this stream's open socket (borrowed for the call). The first `n`
+        // iovecs point at `len()` readable bytes of buffers in `bufs`, which the caller's
+        // borrow keeps alive and unmoved for the whole call (module safety model); the kernel
+        // only reads them, and `msg` points at `iov`, which outlives the call.
+        let r = unsafe { libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+        usize::try_from(r).map_err(|_| io::Error::last_os_error())
+    }
+
+    fn raw_fd(&self) -> std::os::fd::RawFd {
+        match self {
+            Self::Tcp(s) => s.as_raw_fd(),
+            Self::Unix(s) => s.as_raw_fd(),
+        }
+    }
+
     /// Shuts both directions down (a plain syscall: it also completes a pending io_uring read,
     /// which otherwise keeps the fd open).
     pub fn shutdown(&self) {
@@ -144,7 +189,7 @@ impl Stream {
 
 /// Marks the first `n` bytes of `bufs` written: returns how many leading buffers are done
 /// (the next one, if `n` ends inside it, is advanced).
-fn consume(bufs: &mut [OutBuf], mut n: usize) -> usize {
+pub(crate) fn consume(bufs: &mut [OutBuf], mut n: usize) -> usize {
     let mut done = 0;
     for b in bufs.iter_mut() {
         let len = b.len();
@@ -184,8 +229,8 @@ impl Reader {
         self.pos = (self.pos + n).min(self.buf.len());
     }
 
-    /// Reads more bytes from the socket into the buffer; `Ok(0)` at end of stream.
-    pub async fn fill(&mut self, stream: &Stream) -> io::Result<usize> {
+    /// Moves the unconsumed bytes to the front and makes room for more.
+    fn compact(&mut self) {
         if self.pos == self.buf.len() {
             self.buf.clear();
             self.pos = 0;
@@ -193,11 +238,15 @@ impl Reader {
             self.buf.drain(..self.pos);
             self.pos = 0;
         }
-        let len = self.buf.len();
-        let cap = self.buf.capacity();
-        if len == cap {
+        if self.buf.len() == self.buf.capacity() {
             self.buf.reserve(4096);
         }
+    }
+
+    /// Reads more bytes from the socket into the buffer; `Ok(0)` at end of stream.
+    pub async fn fill(&mut self, stream: &Stream) -> io::Result<usize> {
+        self.compact();
+        let len = self.buf.len();
         let cap = self.buf.capacity();
         let buf = std::mem::take(&mut self.buf);
         let (res, slice) = stream.read(buf.slice(len..cap)).await;
