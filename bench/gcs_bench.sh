@@ -13,8 +13,15 @@
 #       0 (or "unlimited") reads the emulator directly. Default: 0.
 #   READAHEAD=N bench/gcs_bench.sh        thaw read --readahead-units N (default: the engine's, 2)
 #
-# Prints one line per run, then the store's raw throughput without the engine (`thaw-bench stream`:
-# one whole-object request, then the object in frame-sized ranged requests one after another).
+# Each run also reads the same build from a local directory (`file://` on the same tmpfs, the same
+# `thaw-bench gen` arguments give the same build byte for byte): the engine's own ceiling on this
+# machine with no network at all (decoding, cache fills, the copy out). When the emulator's wire
+# is faster than that ceiling (unlimited loopback, compressed builds), no reader that decodes can
+# reach curl, which only moves compressed bytes; the ceiling says how close thaw gets to it.
+#
+# Prints one line per run, a summary per rate (medians: thaw/curl and thaw/local ceiling), then the
+# store's raw throughput without the engine (`thaw-bench stream`: one whole-object request, then
+# the object in frame-sized ranged requests one after another).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZE=${1:-256MiB}
@@ -51,6 +58,14 @@ store="gs://bench/builds?endpoint=$ep"
   --expected "$work/expected" >/dev/null
 build=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["layers"][0]["build_id"])' \
   "$work/expected/chain.json")
+# The same build in a local directory: the engine's no-network ceiling.
+"$THAW_BENCH" gen --store "file://$work/local" --layers 0 --size "$SIZE" --codec "$CODEC" \
+  --file rootfs.ext4 --expected "$work/expected-local" >/dev/null
+lbuild=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["layers"][0]["build_id"])' \
+  "$work/expected-local/chain.json")
+[ "$lbuild" = "$build" ] || { echo "local build $lbuild differs from $build" >&2; exit 1; }
+cmp -s "$work/expected/$build/rootfs.ext4.raw" "$work/expected-local/$build/rootfs.ext4.raw" ||
+  { echo "local build differs from the uploaded one" >&2; exit 1; }
 case "$CODEC" in
   none) object="builds%2F$build%2Frootfs.ext4" ;;
   lz4) object="builds%2F$build%2Frootfs.ext4.lz4" ;;
@@ -76,7 +91,10 @@ else
   echo "== $rate/s wire (bench/rate_proxy.py on $rep)"
 fi
 rstore="gs://bench/builds?endpoint=$rep"
+ratios=(); ceil_ratios=()
 for run in $(seq "$RUNS"); do
+  lstats=$("$THAW" read --store "file://$work/local" --build "$build" --file rootfs.ext4 "${ra_args[@]}" 2>&1 >/dev/null | tail -1)
+  l_secs=$(echo "$lstats" | sed -E 's/^read [0-9.]+ MiB in ([0-9.]+) s.*/\1/')
   read -r c_bytes c_secs < <(curl -s -o /dev/null -w '%{size_download} %{time_total}\n' \
     "$rep/storage/v1/b/bench/o/$object?alt=media")
   before=$(gets)
@@ -88,14 +106,22 @@ for run in $(seq "$RUNS"); do
   line=$(python3 -c "
 import sys
 c_bytes, c_secs, t_secs, t_wire, gets, frames = float('$c_bytes'), float('$c_secs'), float('$t_secs'), float('$t_wire'), int('$n_gets'), int('$frames')
+l_secs = float('$l_secs')
 c_mib = c_bytes / 2**20
 curl_tp = c_mib / c_secs
 thaw_tp = t_wire / t_secs
-print(f'run $run: curl {c_mib:.1f} MiB in {c_secs:.3f} s ({curl_tp:.0f} MiB/s); thaw read {t_wire:.1f} MiB on the wire in {t_secs:.3f} s ({thaw_tp:.0f} MiB/s wire); ratio {thaw_tp / curl_tp:.2f}; range GETs {gets} for {frames} frames ({gets / frames:.2f} per frame)')
+# the local read's pace, in wire bytes per second (same build, same bytes to decode)
+ceil_tp = t_wire / l_secs
+print(f'run $run: curl {c_mib:.1f} MiB in {c_secs:.3f} s ({curl_tp:.0f} MiB/s); thaw read {t_wire:.1f} MiB on the wire in {t_secs:.3f} s ({thaw_tp:.0f} MiB/s wire); ratio {thaw_tp / curl_tp:.2f}; local ceiling {l_secs:.3f} s ({ceil_tp:.0f} MiB/s wire-equivalent), thaw / ceiling {l_secs / t_secs:.2f}, ceiling / curl {ceil_tp / curl_tp:.2f}; range GETs {gets} for {frames} frames ({gets / frames:.2f} per frame)')
+print(f'{thaw_tp / curl_tp:.4f} {l_secs / t_secs:.4f}')
 ")
-  echo "$line"
+  echo "$line" | head -1
+  read -r r cr < <(echo "$line" | tail -1)
+  ratios+=("$r"); ceil_ratios+=("$cr")
   echo "  thaw: $stats"
 done
+med() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {printf "%.2f", (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
+echo "summary ${rate}: median thaw / curl $(med "${ratios[@]}") (runs: ${ratios[*]}); median thaw / local ceiling $(med "${ceil_ratios[@]}")"
 done
 stop_proxy
 
