@@ -98,7 +98,11 @@ for run in $(seq "$RUNS"); do
   read -r c_bytes c_secs < <(curl -s -o /dev/null -w '%{size_download} %{time_total}\n' \
     "$rep/storage/v1/b/bench/o/$object?alt=media")
   before=$(gets)
+  # children's user and system CPU of this shell (/proc/PID/stat cutime, cstime) around the read
+  read -r cu0 cs0 < <(awk '{print $16, $17}' /proc/$$/stat)
   stats=$("$THAW" read --store "$rstore" --build "$build" --file rootfs.ext4 "${ra_args[@]}" 2>&1 >/dev/null | tail -1)
+  read -r cu1 cs1 < <(awk '{print $16, $17}' /proc/$$/stat)
+  tck=$(getconf CLK_TCK)
   after=$(gets)
   t_secs=$(echo "$stats" | sed -E 's/^read [0-9.]+ MiB in ([0-9.]+) s.*/\1/')
   t_wire=$(echo "$stats" | sed -E 's/.*store requests \(([0-9.]+) MiB\).*/\1/')
@@ -118,7 +122,7 @@ print(f'{thaw_tp / curl_tp:.4f} {l_secs / t_secs:.4f}')
   echo "$line" | head -1
   read -r r cr < <(echo "$line" | tail -1)
   ratios+=("$r"); ceil_ratios+=("$cr")
-  echo "  thaw: $stats"
+  echo "  thaw: $stats; CPU $(echo "scale=2; ($cu1 - $cu0) / $tck" | bc) s user, $(echo "scale=2; ($cs1 - $cs0) / $tck" | bc) s system"
 done
 med() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {printf "%.2f", (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 echo "summary ${rate}: median thaw / curl $(med "${ratios[@]}") (runs: ${ratios[*]}); median thaw / local ceiling $(med "${ceil_ratios[@]}")"
