@@ -423,10 +423,14 @@ fn serve_forked_with(
 
 /// Raises `vm.nr_hugepages` (root) so `n` free 2 MiB hugetlb pages exist, and puts the old value
 /// back when dropped. Panics, saying why, when the kernel cannot provide them: the test is about
-/// hugetlb memory and must not quietly fall back to something else.
+/// hugetlb memory and must not quietly fall back to something else. One holder at a time (the
+/// tests that use hugetlb pages run one after another: two would count the same free pages).
 struct HugePages {
     restore: Option<u64>,
+    _one_at_a_time: std::sync::MutexGuard<'static, ()>,
 }
+
+static HUGE_PAGES_HELD: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn meminfo(key: &str) -> u64 {
     fs::read_to_string("/proc/meminfo")
@@ -441,13 +445,20 @@ fn meminfo(key: &str) -> u64 {
 
 impl HugePages {
     fn reserve(n: u64) -> Self {
+        let held = HUGE_PAGES_HELD
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if meminfo("HugePages_Free:") >= n {
-            return Self { restore: None };
+            return Self {
+                restore: None,
+                _one_at_a_time: held,
+            };
         }
         let total = meminfo("HugePages_Total:");
         let wrote = fs::write("/proc/sys/vm/nr_hugepages", (total + n).to_string());
         let this = Self {
             restore: wrote.is_ok().then_some(total),
+            _one_at_a_time: held,
         };
         let free = meminfo("HugePages_Free:");
         assert!(
@@ -1282,11 +1293,27 @@ struct MemfdGuest {
 
 impl MemfdGuest {
     fn new(size: usize) -> Self {
-        let memfd = rustix::fs::memfd_create("guest", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+        Self::with_pages(size, PAGE_SIZE)
+    }
+
+    /// Guest memory of `page` pages: 4 KiB (a plain memfd) or 2 MiB (a hugetlbfs memfd, as
+    /// Firecracker backs a hugepage VM; the caller reserves the pages).
+    fn with_pages(size: usize, page: u64) -> Self {
+        let (flags, features) = if page == HUGEPAGE_SIZE {
+            (
+                rustix::fs::MemfdFlags::CLOEXEC
+                    | rustix::fs::MemfdFlags::HUGETLB
+                    | rustix::fs::MemfdFlags::HUGE_2MB,
+                ioctl::FEATURE_EVENT_REMOVE | ioctl::FEATURE_MISSING_HUGETLBFS,
+            )
+        } else {
+            (rustix::fs::MemfdFlags::CLOEXEC, ioctl::FEATURE_EVENT_REMOVE)
+        };
+        let memfd = rustix::fs::memfd_create("guest", flags).unwrap();
         rustix::fs::ftruncate(&memfd, size as u64).unwrap();
         let mem = Mem::shared_file(memfd.as_raw_fd(), size);
         let uffd = ioctl::create().unwrap();
-        ioctl::api(uffd.as_fd(), ioctl::FEATURE_EVENT_REMOVE).unwrap();
+        ioctl::api(uffd.as_fd(), features).unwrap();
         ioctl::register(
             uffd.as_fd(),
             mem.addr(),
@@ -1308,9 +1335,20 @@ fn serve_memfd_guest(
     size: usize,
     socket: &Path,
 ) -> (MemfdGuest, UffdServer, UnixStream) {
-    let guest = MemfdGuest::new(size);
+    serve_memfd_guest_with(engine, build, size, PAGE_SIZE, socket)
+}
+
+/// [`serve_memfd_guest`] with guest pages of `page` bytes (4 KiB or 2 MiB hugetlb).
+fn serve_memfd_guest_with(
+    engine: &Engine,
+    build: thaw_codec::BuildId,
+    size: usize,
+    page: u64,
+    socket: &Path,
+) -> (MemfdGuest, UffdServer, UnixStream) {
+    let guest = MemfdGuest::with_pages(size, page);
     let listener = UnixListener::bind(socket).unwrap();
-    let json = region_json(guest.mem.addr(), size as u64, PAGE_SIZE);
+    let json = region_json(guest.mem.addr(), size as u64, page);
     let (uffd_raw, memfd_raw) = (guest.uffd.as_raw_fd(), guest.memfd.as_raw_fd());
     let path = socket.to_path_buf();
     let client = std::thread::spawn(move || {
@@ -1687,4 +1725,121 @@ fn memory_exports_with_every_codec_into_file_and_fake_gcs() {
             build = new;
         }
     }
+}
+
+/// Memory snapshots of a hugepage VM: guest memory is a hugetlbfs memfd of 2 MiB pages, the
+/// memfile's block size is 2 MiB (e2b's hugepage templates), the handler installs whole 2 MiB
+/// pages and Firecracker's dirty bitmap counts 2 MiB pages. Three pause/resume cycles (zstd, LZ4,
+/// none): pages written at their first touch, a page read first and written later (known only
+/// to the bitmap), each snapshot read back by a fresh engine equal to the test's model of the
+/// guest memory, with 2 MiB blocks and merged mappings in its header.
+#[test]
+fn hugepage_memory_snapshots_round_trip_with_every_codec() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(FileStore::new(dir.path().join("store")));
+    let spec = ChainSpec {
+        size: 16 * 1024 * 1024,
+        ..spec(CompressionType::Zstd, HUGEPAGE_SIZE, 91)
+    };
+    let manifest = generate(store.as_ref(), &dir.path().join("expected"), &spec).unwrap();
+    let top = manifest.top().unwrap();
+    let mut model = fs::read(&top.files["memfile"].flat).unwrap();
+    let size = model.len();
+    let ps = HUGEPAGE_SIZE as usize;
+    let pages = size / ps;
+    assert_eq!(pages, 8);
+    // One guest at a time, each of `pages` huge pages.
+    let huge = HugePages::reserve(pages as u64);
+    let mut build = top.build_id;
+    let mut rng = SmallRng::seed_from_u64(92);
+    let codecs = [
+        (CompressionType::Zstd, 1),
+        (CompressionType::Lz4, 0),
+        (CompressionType::None, 0),
+    ];
+    for (cycle, (codec, level)) in codecs.into_iter().enumerate() {
+        let what = format!("cycle {cycle} {codec:?}");
+        let engine = Engine::new(Arc::clone(&store), engine_config()).unwrap();
+        let socket = dir.path().join(format!("huge-{cycle}.sock"));
+        let (guest, server, _conn) =
+            serve_memfd_guest_with(&engine, build, size, HUGEPAGE_SIZE, &socket);
+        let mem = &guest.mem;
+        // Two pages written at their first touch (write faults), a few words each.
+        let first = rng.random_range(0..pages);
+        let second = (first + 1 + rng.random_range(0..pages - 1)) % pages;
+        let mut touched = vec![first, second];
+        for &p in &touched {
+            for _ in 0..4 {
+                let off = p * ps + rng.random_range(0..ps / 8) * 8;
+                let v = rng.random::<u64>() | 1;
+                mem.write_u64(off, v);
+                model[off..off + 8].copy_from_slice(&v.to_ne_bytes());
+            }
+        }
+        // A page read first (installed by a read fault), then written: only the bitmap knows.
+        let rw = (0..pages).find(|p| !touched.contains(p)).unwrap();
+        let off = rw * ps + rng.random_range(0..ps / 8) * 8;
+        assert!(
+            *mem.slice(off, 8) == model[off..off + 8],
+            "{what}: page {rw}"
+        );
+        let v = rng.random::<u64>() | 1;
+        mem.write_u64(off, v);
+        model[off..off + 8].copy_from_slice(&v.to_ne_bytes());
+        // Every byte the guest sees equals the model (pages never touched fault in now).
+        if let Some(i) = mem
+            .slice(0, size)
+            .iter()
+            .zip(&model)
+            .position(|(a, b)| a != b)
+        {
+            panic!("{what}: guest memory differs from the model at byte {i}");
+        }
+        touched.push(rw);
+        let mut bitmap = vec![0u64; pages.div_ceil(64)];
+        for &p in &touched {
+            bitmap[p / 64] |= 1 << (p % 64);
+        }
+        let new = uuid::Uuid::new_v4();
+        let opts = WriteOptions {
+            codec,
+            level,
+            frame_size: 2 * 1024 * 1024,
+            header_version: 4,
+            workers: 2,
+            progress: false,
+        };
+        let out = server
+            .export_memory(store.as_ref(), new, &opts, &DirtyPages::Bitmap(bitmap))
+            .unwrap();
+        assert!(
+            matches!(out, thaw_server::export::Exported::Stored(_)),
+            "{what}: {out:?}"
+        );
+        server.stop();
+        drop(server.join());
+        drop(guest);
+
+        let fresh = Engine::new(Arc::clone(&store), engine_config()).unwrap();
+        let f = fresh.open(new, FileKind::Memfile).unwrap();
+        assert_eq!(f.header().metadata.block_size, HUGEPAGE_SIZE, "{what}");
+        let mut all = vec![0u8; size];
+        f.read_at(0, &mut all).unwrap();
+        if let Some(i) = all.iter().zip(&model).position(|(a, b)| a != b) {
+            panic!("{what}: the exported memory differs from the guest's at byte {i}");
+        }
+        let maps = &f.header().mappings;
+        for m in maps {
+            assert_eq!(m.offset % HUGEPAGE_SIZE, 0, "{what}: {m:?}");
+            assert_eq!(m.length % HUGEPAGE_SIZE, 0, "{what}: {m:?}");
+        }
+        for w in maps.windows(2) {
+            let (a, b) = (&w[0], &w[1]);
+            let mergeable = a.build_id == b.build_id
+                && (a.is_nil() || a.build_storage_offset + a.length == b.build_storage_offset);
+            assert!(!mergeable, "{what}: unmerged adjacent mappings {a:?} {b:?}");
+        }
+        build = new;
+    }
+    drop(huge);
 }
