@@ -1299,7 +1299,13 @@ impl MemfdGuest {
     /// Guest memory of `page` pages: 4 KiB (a plain memfd) or 2 MiB (a hugetlbfs memfd, as
     /// Firecracker backs a hugepage VM; the caller reserves the pages).
     fn with_pages(size: usize, page: u64) -> Self {
-        let (flags, features) = if page == HUGEPAGE_SIZE {
+        Self::with(size, page, false)
+    }
+
+    /// With `wp`, the memory is registered MISSING + write-protect (what e2b's Firecracker asks
+    /// for with `use_sync_wp`); shmem needs `UFFD_FEATURE_WP_HUGETLBFS_SHMEM` for that.
+    fn with(size: usize, page: u64, wp: bool) -> Self {
+        let (flags, mut features) = if page == HUGEPAGE_SIZE {
             (
                 rustix::fs::MemfdFlags::CLOEXEC
                     | rustix::fs::MemfdFlags::HUGETLB
@@ -1309,18 +1315,17 @@ impl MemfdGuest {
         } else {
             (rustix::fs::MemfdFlags::CLOEXEC, ioctl::FEATURE_EVENT_REMOVE)
         };
+        let mut mode = ioctl::REGISTER_MODE_MISSING;
+        if wp {
+            features |= ioctl::FEATURE_PAGEFAULT_FLAG_WP | ioctl::FEATURE_WP_HUGETLBFS_SHMEM;
+            mode |= ioctl::REGISTER_MODE_WP;
+        }
         let memfd = rustix::fs::memfd_create("guest", flags).unwrap();
         rustix::fs::ftruncate(&memfd, size as u64).unwrap();
         let mem = Mem::shared_file(memfd.as_raw_fd(), size);
         let uffd = ioctl::create().unwrap();
         ioctl::api(uffd.as_fd(), features).unwrap();
-        ioctl::register(
-            uffd.as_fd(),
-            mem.addr(),
-            size as u64,
-            ioctl::REGISTER_MODE_MISSING,
-        )
-        .unwrap();
+        ioctl::register(uffd.as_fd(), mem.addr(), size as u64, mode).unwrap();
         Self { memfd, mem, uffd }
     }
 }
@@ -1346,7 +1351,24 @@ fn serve_memfd_guest_with(
     page: u64,
     socket: &Path,
 ) -> (MemfdGuest, UffdServer, UnixStream) {
-    let guest = MemfdGuest::with_pages(size, page);
+    serve_guest(
+        engine,
+        build,
+        MemfdGuest::with_pages(size, page),
+        page,
+        socket,
+    )
+}
+
+/// Serves `guest` (`page`-byte pages) by an in-process handler, as [`serve_memfd_guest`] does.
+fn serve_guest(
+    engine: &Engine,
+    build: thaw_codec::BuildId,
+    guest: MemfdGuest,
+    page: u64,
+    socket: &Path,
+) -> (MemfdGuest, UffdServer, UnixStream) {
+    let size = guest.mem.len;
     let listener = UnixListener::bind(socket).unwrap();
     let json = region_json(guest.mem.addr(), size as u64, page);
     let (uffd_raw, memfd_raw) = (guest.uffd.as_raw_fd(), guest.memfd.as_raw_fd());
@@ -1842,4 +1864,82 @@ fn hugepage_memory_snapshots_round_trip_with_every_codec() {
         build = new;
     }
     drop(huge);
+}
+
+/// e2b's `use_sync_wp` on a memfd guest: shared memory registered MISSING + write-protect. A read
+/// fault installs the page write-protected; the guest's later write is a write-protect fault the
+/// handler resolves, so the handler's own tracking (`DirtyPages::Handler`) is exact and a
+/// snapshot taken from it alone holds every write: pages written at first touch and pages read
+/// first and written later, read back by a fresh engine equal to the guest's memory.
+#[test]
+fn write_protected_shmem_guest_snapshots_from_the_handlers_tracking() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, manifest) = chain(dir.path(), &spec(CompressionType::Zstd, PAGE_SIZE, 95));
+    let top = manifest.top().unwrap();
+    let mut model = fs::read(&top.files["memfile"].flat).unwrap();
+    let size = model.len();
+    let pages = size / PAGE_SIZE as usize;
+    let ps = PAGE_SIZE as usize;
+    let engine = Engine::new(Arc::clone(&store) as Arc<dyn Store>, engine_config()).unwrap();
+    let socket = socket_path(dir.path());
+    let _ = fs::remove_file(&socket);
+    let guest = MemfdGuest::with(size, PAGE_SIZE, true);
+    let (guest, server, _conn) = serve_guest(&engine, top.build_id, guest, PAGE_SIZE, &socket);
+    let mem = &guest.mem;
+    let mut rng = SmallRng::seed_from_u64(96);
+    // Pages % 5 == 0: written at first touch; % 5 == 2: read, then written (WP faults);
+    // % 5 == 4: only read.
+    for p in 0..pages {
+        let off = p * ps + rng.random_range(0..ps / 8) * 8;
+        match p % 5 {
+            0 => {}
+            2 | 4 => assert!(*mem.slice(off, 8) == model[off..off + 8], "page {p}"),
+            _ => continue,
+        }
+        if p % 5 == 4 {
+            continue;
+        }
+        let v = rng.random::<u64>() | 1;
+        mem.write_u64(off, v);
+        model[off..off + 8].copy_from_slice(&v.to_ne_bytes());
+    }
+    let m = server.handler().metrics();
+    assert_eq!(
+        m.faults_wp,
+        (0..pages).filter(|p| p % 5 == 2).count() as u64,
+        "write-protect faults"
+    );
+    let dirty = server.memory_changes().dirty;
+    let dirty_pages: Vec<u64> = dirty.iter().flat_map(|r| r.clone()).collect();
+    let written: Vec<u64> = (0..pages as u64)
+        .filter(|p| p % 5 == 0 || p % 5 == 2)
+        .collect();
+    assert_eq!(dirty_pages, written, "the handler's dirty pages");
+
+    let new = uuid::Uuid::new_v4();
+    let opts = WriteOptions {
+        codec: CompressionType::Zstd,
+        level: 1,
+        frame_size: 2 * 1024 * 1024,
+        header_version: 4,
+        workers: 2,
+        progress: false,
+    };
+    let out = server
+        .export_memory(store.as_ref(), new, &opts, &DirtyPages::Handler)
+        .unwrap();
+    assert!(
+        matches!(out, thaw_server::export::Exported::Stored(_)),
+        "{out:?}"
+    );
+    server.stop();
+    drop(server.join());
+    drop(guest);
+    let fresh = Engine::new(Arc::clone(&store) as Arc<dyn Store>, engine_config()).unwrap();
+    let f = fresh.open(new, FileKind::Memfile).unwrap();
+    let mut all = vec![0u8; size];
+    f.read_at(0, &mut all).unwrap();
+    if let Some(i) = all.iter().zip(&model).position(|(a, b)| a != b) {
+        panic!("the exported memory differs from the guest's at byte {i}");
+    }
 }
