@@ -1710,40 +1710,18 @@ fn memory_exports_with_every_codec_into_file_and_fake_gcs() {
             for &p in &touched {
                 bitmap[p / 64] |= 1 << (p % 64);
             }
-            let new = uuid::Uuid::new_v4();
-            let opts = WriteOptions {
+            let snap = Snapshot {
                 codec,
                 level,
                 frame_size: 1024 * 1024,
-                header_version: 4,
-                workers: 2,
-                progress: false,
             };
-            let out = server
-                .export_memory(store.as_ref(), new, &opts, &DirtyPages::Bitmap(bitmap))
-                .unwrap();
-            assert!(
-                matches!(out, thaw_server::export::Exported::Stored(_)),
-                "{what}: {out:?}"
+            let (new, _) = snap.export_and_check(
+                (server, guest),
+                &store,
+                &DirtyPages::Bitmap(bitmap),
+                &model,
+                &what,
             );
-            server.stop();
-            drop(server.join());
-            drop(guest);
-
-            let fresh = Engine::new(Arc::clone(&store), engine_config()).unwrap();
-            let f = fresh.open(new, FileKind::Memfile).unwrap();
-            let mut all = vec![0u8; size];
-            f.read_at(0, &mut all).unwrap();
-            if let Some(i) = all.iter().zip(&model).position(|(a, b)| a != b) {
-                panic!("{what}: the exported memory differs from the guest's at byte {i}");
-            }
-            let maps = &f.header().mappings;
-            for w in maps.windows(2) {
-                let (a, b) = (&w[0], &w[1]);
-                let mergeable = a.build_id == b.build_id
-                    && (a.is_nil() || a.build_storage_offset + a.length == b.build_storage_offset);
-                assert!(!mergeable, "{what}: unmerged adjacent mappings {a:?} {b:?}");
-            }
             build = new;
         }
     }
@@ -1822,44 +1800,22 @@ fn hugepage_memory_snapshots_round_trip_with_every_codec() {
         for &p in &touched {
             bitmap[p / 64] |= 1 << (p % 64);
         }
-        let new = uuid::Uuid::new_v4();
-        let opts = WriteOptions {
+        let snap = Snapshot {
             codec,
             level,
             frame_size: 2 * 1024 * 1024,
-            header_version: 4,
-            workers: 2,
-            progress: false,
         };
-        let out = server
-            .export_memory(store.as_ref(), new, &opts, &DirtyPages::Bitmap(bitmap))
-            .unwrap();
-        assert!(
-            matches!(out, thaw_server::export::Exported::Stored(_)),
-            "{what}: {out:?}"
+        let (new, header) = snap.export_and_check(
+            (server, guest),
+            &store,
+            &DirtyPages::Bitmap(bitmap),
+            &model,
+            &what,
         );
-        server.stop();
-        drop(server.join());
-        drop(guest);
-
-        let fresh = Engine::new(Arc::clone(&store), engine_config()).unwrap();
-        let f = fresh.open(new, FileKind::Memfile).unwrap();
-        assert_eq!(f.header().metadata.block_size, HUGEPAGE_SIZE, "{what}");
-        let mut all = vec![0u8; size];
-        f.read_at(0, &mut all).unwrap();
-        if let Some(i) = all.iter().zip(&model).position(|(a, b)| a != b) {
-            panic!("{what}: the exported memory differs from the guest's at byte {i}");
-        }
-        let maps = &f.header().mappings;
-        for m in maps {
+        assert_eq!(header.metadata.block_size, HUGEPAGE_SIZE, "{what}");
+        for m in &header.mappings {
             assert_eq!(m.offset % HUGEPAGE_SIZE, 0, "{what}: {m:?}");
             assert_eq!(m.length % HUGEPAGE_SIZE, 0, "{what}: {m:?}");
-        }
-        for w in maps.windows(2) {
-            let (a, b) = (&w[0], &w[1]);
-            let mergeable = a.build_id == b.build_id
-                && (a.is_nil() || a.build_storage_offset + a.length == b.build_storage_offset);
-            assert!(!mergeable, "{what}: unmerged adjacent mappings {a:?} {b:?}");
         }
         build = new;
     }
@@ -1916,30 +1872,76 @@ fn write_protected_shmem_guest_snapshots_from_the_handlers_tracking() {
         .collect();
     assert_eq!(dirty_pages, written, "the handler's dirty pages");
 
-    let new = uuid::Uuid::new_v4();
-    let opts = WriteOptions {
+    let snap = Snapshot {
         codec: CompressionType::Zstd,
         level: 1,
         frame_size: 2 * 1024 * 1024,
-        header_version: 4,
-        workers: 2,
-        progress: false,
     };
-    let out = server
-        .export_memory(store.as_ref(), new, &opts, &DirtyPages::Handler)
-        .unwrap();
-    assert!(
-        matches!(out, thaw_server::export::Exported::Stored(_)),
-        "{out:?}"
+    let store: Arc<dyn Store> = store;
+    snap.export_and_check(
+        (server, guest),
+        &store,
+        &DirtyPages::Handler,
+        &model,
+        "sync write-protect",
     );
-    server.stop();
-    drop(server.join());
-    drop(guest);
-    let fresh = Engine::new(Arc::clone(&store) as Arc<dyn Store>, engine_config()).unwrap();
-    let f = fresh.open(new, FileKind::Memfile).unwrap();
-    let mut all = vec![0u8; size];
-    f.read_at(0, &mut all).unwrap();
-    if let Some(i) = all.iter().zip(&model).position(|(a, b)| a != b) {
-        panic!("the exported memory differs from the guest's at byte {i}");
+}
+
+/// How a test exports guest memory as a new memfile layer.
+struct Snapshot {
+    codec: CompressionType,
+    level: i32,
+    frame_size: u64,
+}
+
+impl Snapshot {
+    /// Exports the memory of the guest `served` into `store` as a new build (dirty pages from
+    /// `dirty`), stops the handler, and checks the new memfile with a fresh engine: every byte
+    /// equals `model`, and no two adjacent mappings could have been merged. Returns the new
+    /// build and its header.
+    fn export_and_check(
+        &self,
+        served: (UffdServer, MemfdGuest),
+        store: &Arc<dyn Store>,
+        dirty: &DirtyPages,
+        model: &[u8],
+        what: &str,
+    ) -> (thaw_codec::BuildId, Header) {
+        let (server, guest) = served;
+        let new = uuid::Uuid::new_v4();
+        let opts = WriteOptions {
+            codec: self.codec,
+            level: self.level,
+            frame_size: self.frame_size,
+            header_version: 4,
+            workers: 2,
+            progress: false,
+        };
+        let out = server
+            .export_memory(store.as_ref(), new, &opts, dirty)
+            .unwrap();
+        assert!(
+            matches!(out, thaw_server::export::Exported::Stored(_)),
+            "{what}: {out:?}"
+        );
+        server.stop();
+        drop(server.join());
+        drop(guest);
+
+        let fresh = Engine::new(Arc::clone(store), engine_config()).unwrap();
+        let f = fresh.open(new, FileKind::Memfile).unwrap();
+        let mut all = vec![0u8; model.len()];
+        f.read_at(0, &mut all).unwrap();
+        if let Some(i) = all.iter().zip(model).position(|(a, b)| a != b) {
+            panic!("{what}: the exported memory differs from the guest's at byte {i}");
+        }
+        let header = f.header().clone();
+        for w in header.mappings.windows(2) {
+            let (a, b) = (&w[0], &w[1]);
+            let mergeable = a.build_id == b.build_id
+                && (a.is_nil() || a.build_storage_offset + a.length == b.build_storage_offset);
+            assert!(!mergeable, "{what}: unmerged adjacent mappings {a:?} {b:?}");
+        }
+        (new, header)
     }
 }
