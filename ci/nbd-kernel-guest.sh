@@ -28,7 +28,8 @@
 #      Then D4: a thaw attached to /dev/nbd2 is SIGKILLed: the device stays configured (pid file
 #      naming a dead process), a new thaw refuses it as busy, `nbd-client -d` frees it.
 #   4. Attach over the control API (D5): `thaw serve --control SOCK` with no export; `thaw ctl add
-#      chain --attach auto` names a device (listed by `thaw ctl exports`, thaw's pid file); md5 of
+#      chain --attach auto` names a device (listed by `thaw ctl exports`; its pid file names thaw's
+#      control thread, which sent NBD_CMD_CONNECT); md5 of
 #      the device == the flat image's; 64 KiB written through it + fsync: `unsaved_changes`, so
 #      `thaw ctl remove` answers 409 and the device stays; `remove --force` disconnects it, the
 #      kernel releases it (no pid file, size 0) and the export list is empty; the same device,
@@ -254,7 +255,10 @@ if wait_line /tmp/thaw.out '^ready'; then
     API_DEV=$(ctl add chain --build $CHAIN_BUILD --attach auto 2>/tmp/ctl.err | field attach)
     echo "GUEST_API_ADD=${API_DEV:-$(cat /tmp/ctl.err)} listed:$(ctl exports | field attach) uptime=$(cut -d' ' -f1 /proc/uptime)"
     if [ -n "$API_DEV" ]; then
-      echo "GUEST_API_PID=$([ "$(cat /sys/block/${API_DEV#/dev/}/pid)" = $C ] && echo thaw || echo other)"
+      # The pid file names the thread that sent NBD_CMD_CONNECT: thaw's control API thread, which
+      # lives as long as thaw (a blocking-pool thread would exit when idle: a dead owner).
+      P=$(cat /sys/block/${API_DEV#/dev/}/pid)
+      echo "GUEST_API_PID=$(cat /proc/$C/task/$P/comm 2>/dev/null || echo "other:$P")"
       echo "GUEST_API_MD5=$(md5sum $API_DEV | cut -d' ' -f1) uptime=$(cut -d' ' -f1 /proc/uptime)"
       # 64 KiB written through the device at 1 MiB, flushed: unsaved changes in the overlay.
       dd if=/dev/urandom of=$API_DEV bs=4096 count=16 seek=256 conv=fsync 2>/dev/null; sync
@@ -319,7 +323,7 @@ check "thaw --attach: SIGTERM exits 0, devices free" "rc0 nbd2:yes demo:yes" "$(
 check "thaw --attach: SIGKILL (D4) busy, refused, freed by nbd-client -d" "free:no restart:refused after-d:yes" "$(g GUEST_ATTACH_SIGKILL)"
 API_DEV=$(g GUEST_API_ADD | sed -n 's/^\(\/dev\/nbd[0-9]*\) .*/\1/p')
 check "control API: ctl add --attach auto names a device, listed" "$API_DEV listed:$API_DEV" "$(g GUEST_API_ADD)"
-check "control API: the device's pid file is thaw's" "thaw" "$(g GUEST_API_PID)"
+check "control API: the device's pid file names thaw's control thread" "thaw-control" "$(g GUEST_API_PID)"
 check "control API: chain md5 ($API_DEV)" "$EXP_CHAIN" "$(g GUEST_API_MD5)"
 check "control API: a write through the device is unsaved" "true" "$(g GUEST_API_DIRTY)"
 check "control API: remove without force: 409, still attached" "409 still-attached:$API_DEV" "$(g GUEST_API_REMOVE)"

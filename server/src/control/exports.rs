@@ -542,9 +542,11 @@ async fn add(sx: &ServeExports, req: AddRequest) -> Result<ExportInfo, ApiError>
             .iter()
             .position(|e| Arc::ptr_eq(e, &export))
             .unwrap_or(0);
-        let job = Arc::clone(&export);
-        let attached =
-            blocking(move || target.connect(&conns, index, &job).map_err(attach_error)).await;
+        // On this thread, not the blocking pool: the kernel's pid file (/sys/block/nbdN/pid)
+        // names the thread that sent NBD_CMD_CONNECT, and the control API's thread lives as long
+        // as the server (a pool thread exits when idle, and the device would then look owned by
+        // a dead process). The request returns at once (no I/O is waited for).
+        let attached = target.connect(&conns, index, &export).map_err(attach_error);
         match attached {
             Ok(a) => {
                 tracing::info!(export = %req.name, device = %a.device().display(),
