@@ -39,7 +39,8 @@
 # Prints KERNEL-NBD: PASS / FAIL; exit status 0 / 1. Root (apt, when something is missing).
 # Measured (Debian 12, 2 cores, with the thaw attach checks): 52-120 s with everything present
 # while the machine's load average was 8-12 (other builds); the guest alone 41-100 s, of which
-# ~7-16 s is thaw's md5 of the attached 64 MiB device. The first run adds ~26 s of packages +
+# ~7-16 s is thaw's md5 of the attached 64 MiB device. With D5 (load average 3.5-6): the guest
+# 23-73 s, D5 7-8 s of it (two more md5s of 64 MiB). The first run adds ~26 s of packages +
 # kernel download.
 #
 # Packages (idempotent, root): qemu-system-x86 must come from bookworm-backports (10.0.x) because
