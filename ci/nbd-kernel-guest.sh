@@ -35,12 +35,14 @@
 #      kernel releases it (no pid file, size 0) and the export list is empty; the same device,
 #      named explicitly (1 connection), serves the build again (md5 == flat: the write was
 #      discarded with the overlay); a third add to that busy device is refused (409) and adds
-#      nothing; SIGTERM exits 0 and frees the device.
+#      nothing; SIGTERM exits 0 and frees the device. D6: an export attached at start (`--attach
+#      /dev/nbd3 --control`) is removed with `thaw ctl remove` (clean, no force): the reply names
+#      the device, which is free at once; the list is empty; SIGTERM exits 0.
 # Prints KERNEL-NBD: PASS / FAIL; exit status 0 / 1. Root (apt, when something is missing).
 # Measured (Debian 12, 2 cores, with the thaw attach checks): 52-120 s with everything present
 # while the machine's load average was 8-12 (other builds); the guest alone 41-100 s, of which
 # ~7-16 s is thaw's md5 of the attached 64 MiB device. With D5 (load average 3.5-6): the guest
-# 23-73 s, D5 7-8 s of it (two more md5s of 64 MiB). The first run adds ~26 s of packages +
+# 23-73 s, D5 7-8 s of it (two more md5s of 64 MiB); with D6, 36 s (D5 + D6 11 s). The first run adds ~26 s of packages +
 # kernel download.
 #
 # Packages (idempotent, root): qemu-system-x86 must come from bookworm-backports (10.0.x) because
@@ -281,6 +283,16 @@ if wait_line /tmp/thaw.out '^ready'; then
     echo "GUEST_API_SIGTERM=rc$RC free:$(free_dev ${API_DEV#/dev/})"
   else echo "GUEST: thaw 5 did not start"; cat /tmp/thaw5.out /tmp/thaw5.err; fi
   echo "GUEST: thaw 5 log:"; sed 's/^/  thaw5: /' /tmp/thaw5.err | tail -20
+  # D6: an export attached at start (--attach) is removed over the API (clean: no force needed).
+  /bin/thaw serve $THAW_ARGS --export $EXP_CHAIN --attach /dev/nbd3 --control /tmp/ctl6.sock \
+    >/tmp/thaw6.out 2>/tmp/thaw6.err &
+  C6=$!
+  if wait_line /tmp/thaw6.out '^ready'; then
+    S6=$(free_dev nbd3)
+    /bin/thaw ctl --control /tmp/ctl6.sock remove chain >/tmp/rm6.out 2>&1 || cat /tmp/rm6.out
+    echo "GUEST_API_START_ATTACHED=before:$S6 device:$(field device </tmp/rm6.out) free:$(free_dev nbd3) listed:$(/bin/thaw ctl --control /tmp/ctl6.sock exports | tr -d ' \n')"
+    kill -TERM $C6; wait $C6; echo "GUEST_API_START_SIGTERM=rc$?"
+  else echo "GUEST: thaw 6 did not start"; cat /tmp/thaw6.out /tmp/thaw6.err; fi
 else
   echo "GUEST: thaw attach did not start"; cat /tmp/thaw.out /tmp/thaw.err
 fi
@@ -333,4 +345,6 @@ check "control API: the freed device attached again by name" "$API_DEV" "$(g GUE
 check "control API: md5 after re-attach (the discarded write is gone)" "$EXP_CHAIN" "$(g GUEST_API_AGAIN_MD5)"
 check "control API: a busy device is refused (409), nothing added" "refused listed:1" "$(g GUEST_API_BUSY)"
 check "control API: SIGTERM exits 0, the API-attached device freed" "rc0 free:yes" "$(g GUEST_API_SIGTERM)"
+check "control API: an --attach export removed over the API, device freed" "before:no device:/dev/nbd3 free:yes listed:[]" "$(g GUEST_API_START_ATTACHED)"
+check "control API: then SIGTERM exits 0" "rc0" "$(g GUEST_API_START_SIGTERM)"
 if [ $fail = 0 ]; then echo "KERNEL-NBD: PASS"; else echo "KERNEL-NBD: FAIL"; tail -40 guest.log; exit 1; fi
