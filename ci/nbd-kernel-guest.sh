@@ -27,10 +27,22 @@
 #      inflight "0 0", no holders).
 #      Then D4: a thaw attached to /dev/nbd2 is SIGKILLed: the device stays configured (pid file
 #      naming a dead process), a new thaw refuses it as busy, `nbd-client -d` frees it.
+#   4. Attach over the control API (D5): `thaw serve --control SOCK` with no export; `thaw ctl add
+#      chain --attach auto` names a device (listed by `thaw ctl exports`; its pid file names thaw's
+#      control thread, which sent NBD_CMD_CONNECT); md5 of
+#      the device == the flat image's; 64 KiB written through it + fsync: `unsaved_changes`, so
+#      `thaw ctl remove` answers 409 and the device stays; `remove --force` disconnects it, the
+#      kernel releases it (no pid file, size 0) and the export list is empty; the same device,
+#      named explicitly (1 connection), serves the build again (md5 == flat: the write was
+#      discarded with the overlay); a third add to that busy device is refused (409) and adds
+#      nothing; SIGTERM exits 0 and frees the device. D6: an export attached at start (`--attach
+#      /dev/nbd3 --control`) is removed with `thaw ctl remove` (clean, no force): the reply names
+#      the device, which is free at once; the list is empty; SIGTERM exits 0.
 # Prints KERNEL-NBD: PASS / FAIL; exit status 0 / 1. Root (apt, when something is missing).
 # Measured (Debian 12, 2 cores, with the thaw attach checks): 52-120 s with everything present
 # while the machine's load average was 8-12 (other builds); the guest alone 41-100 s, of which
-# ~7-16 s is thaw's md5 of the attached 64 MiB device. The first run adds ~26 s of packages +
+# ~7-16 s is thaw's md5 of the attached 64 MiB device. With D5 (load average 3.5-6): the guest
+# 23-73 s, D5 7-8 s of it (two more md5s of 64 MiB); with D6, 36 s (D5 + D6 11 s). The first run adds ~26 s of packages +
 # kernel download.
 #
 # Packages (idempotent, root): qemu-system-x86 must come from bookworm-backports (10.0.x) because
@@ -236,6 +248,51 @@ if wait_line /tmp/thaw.out '^ready'; then
     nbd-client -d /dev/nbd2 >/dev/null 2>&1; sleep 0.2
     echo "GUEST_ATTACH_SIGKILL=free:$S1 restart:$S2 after-d:$(free_dev nbd2)"
   else echo "GUEST: thaw 3 did not start"; cat /tmp/thaw3.err; fi
+  # D5: attach over the control API: a thaw with no export; `thaw ctl add --attach auto`.
+  CHAIN_BUILD=${EXP_CHAIN#*=}; CHAIN_BUILD=${CHAIN_BUILD%%:*}
+  ctl() { /bin/thaw ctl --control /tmp/ctl.sock "$@"; }
+  field() { sed -n "s/^ *\"$1\": \"\{0,1\}\([^\",]*\)\"\{0,1\},\{0,1\}$/\1/p" | head -1; }
+  /bin/thaw serve $THAW_ARGS --control /tmp/ctl.sock >/tmp/thaw5.out 2>/tmp/thaw5.err &
+  C=$!
+  if wait_line /tmp/thaw5.out '^ready'; then
+    API_DEV=$(ctl add chain --build $CHAIN_BUILD --attach auto 2>/tmp/ctl.err | field attach)
+    echo "GUEST_API_ADD=${API_DEV:-$(cat /tmp/ctl.err)} listed:$(ctl exports | field attach) uptime=$(cut -d' ' -f1 /proc/uptime)"
+    if [ -n "$API_DEV" ]; then
+      # The pid file names the thread that sent NBD_CMD_CONNECT: thaw's control API thread, which
+      # lives as long as thaw (a blocking-pool thread would exit when idle: a dead owner).
+      P=$(cat /sys/block/${API_DEV#/dev/}/pid)
+      echo "GUEST_API_PID=$(cat /proc/$C/task/$P/comm 2>/dev/null || echo "other:$P")"
+      echo "GUEST_API_MD5=$(md5sum $API_DEV | cut -d' ' -f1) uptime=$(cut -d' ' -f1 /proc/uptime)"
+      # 64 KiB written through the device at 1 MiB, flushed: unsaved changes in the overlay.
+      dd if=/dev/urandom of=$API_DEV bs=4096 count=16 seek=256 conv=fsync 2>/dev/null; sync
+      echo "GUEST_API_DIRTY=$(ctl exports | field unsaved_changes)"
+      ctl remove chain >/tmp/rm1.out 2>/tmp/rm1.err && R1=removed || \
+        R1=$(grep -q 'answered 409.*holds writes no snapshot stored' /tmp/rm1.err && echo 409 || cat /tmp/rm1.err)
+      echo "GUEST_API_REMOVE=$R1 still-attached:$(ctl exports | field attach)"
+      ctl remove chain --force >/tmp/rm2.out 2>/tmp/rm2.err || cat /tmp/rm2.err
+      echo "GUEST_API_FORCE=device:$(field device </tmp/rm2.out) discarded:$(field discarded_changes </tmp/rm2.out) free:$(free_dev ${API_DEV#/dev/}) listed:$(ctl exports | tr -d ' \n')"
+      # The freed device, named explicitly, 1 connection: a fresh export (the write is gone).
+      AGAIN=$(ctl add chain2 --build $CHAIN_BUILD --attach $API_DEV --connections 1 2>/tmp/ctl2.err | field attach)
+      echo "GUEST_API_AGAIN=${AGAIN:-$(cat /tmp/ctl2.err)}"
+      [ -n "$AGAIN" ] && echo "GUEST_API_AGAIN_MD5=$(md5sum $AGAIN | cut -d' ' -f1) uptime=$(cut -d' ' -f1 /proc/uptime)"
+      ctl add chain3 --build $CHAIN_BUILD --attach $API_DEV >/dev/null 2>/tmp/ctl3.err && B=accepted || \
+        B=$(grep -q 'answered 409.*is busy: connected by pid' /tmp/ctl3.err && echo refused || cat /tmp/ctl3.err)
+      echo "GUEST_API_BUSY=$B listed:$(ctl exports | grep -c '"name"')"
+    fi
+    kill -TERM $C; wait $C; RC=$?
+    echo "GUEST_API_SIGTERM=rc$RC free:$(free_dev ${API_DEV#/dev/})"
+  else echo "GUEST: thaw 5 did not start"; cat /tmp/thaw5.out /tmp/thaw5.err; fi
+  echo "GUEST: thaw 5 log:"; sed 's/^/  thaw5: /' /tmp/thaw5.err | tail -20
+  # D6: an export attached at start (--attach) is removed over the API (clean: no force needed).
+  /bin/thaw serve $THAW_ARGS --export $EXP_CHAIN --attach /dev/nbd3 --control /tmp/ctl6.sock \
+    >/tmp/thaw6.out 2>/tmp/thaw6.err &
+  C6=$!
+  if wait_line /tmp/thaw6.out '^ready'; then
+    S6=$(free_dev nbd3)
+    /bin/thaw ctl --control /tmp/ctl6.sock remove chain >/tmp/rm6.out 2>&1 || cat /tmp/rm6.out
+    echo "GUEST_API_START_ATTACHED=before:$S6 device:$(field device </tmp/rm6.out) free:$(free_dev nbd3) listed:$(/bin/thaw ctl --control /tmp/ctl6.sock exports | tr -d ' \n')"
+    kill -TERM $C6; wait $C6; echo "GUEST_API_START_SIGTERM=rc$?"
+  else echo "GUEST: thaw 6 did not start"; cat /tmp/thaw6.out /tmp/thaw6.err; fi
 else
   echo "GUEST: thaw attach did not start"; cat /tmp/thaw.out /tmp/thaw.err
 fi
@@ -277,4 +334,17 @@ check "thaw --attach auto: /data/blob.bin md5" "$EXP_BLOB" "$(g GUEST_ATTACH_BLO
 check "thaw --attach auto: write, remount, read back" "written through thaw attach" "$(g GUEST_ATTACH_WRITE)"
 check "thaw --attach: SIGTERM exits 0, devices free" "rc0 nbd2:yes demo:yes" "$(g GUEST_ATTACH_SIGTERM)"
 check "thaw --attach: SIGKILL (D4) busy, refused, freed by nbd-client -d" "free:no restart:refused after-d:yes" "$(g GUEST_ATTACH_SIGKILL)"
+API_DEV=$(g GUEST_API_ADD | sed -n 's/^\(\/dev\/nbd[0-9]*\) .*/\1/p')
+check "control API: ctl add --attach auto names a device, listed" "$API_DEV listed:$API_DEV" "$(g GUEST_API_ADD)"
+check "control API: the device's pid file names thaw's control thread" "thaw-control" "$(g GUEST_API_PID)"
+check "control API: chain md5 ($API_DEV)" "$EXP_CHAIN" "$(g GUEST_API_MD5)"
+check "control API: a write through the device is unsaved" "true" "$(g GUEST_API_DIRTY)"
+check "control API: remove without force: 409, still attached" "409 still-attached:$API_DEV" "$(g GUEST_API_REMOVE)"
+check "control API: remove --force: disconnected, freed, gone" "device:$API_DEV discarded:true free:yes listed:[]" "$(g GUEST_API_FORCE)"
+check "control API: the freed device attached again by name" "$API_DEV" "$(g GUEST_API_AGAIN)"
+check "control API: md5 after re-attach (the discarded write is gone)" "$EXP_CHAIN" "$(g GUEST_API_AGAIN_MD5)"
+check "control API: a busy device is refused (409), nothing added" "refused listed:1" "$(g GUEST_API_BUSY)"
+check "control API: SIGTERM exits 0, the API-attached device freed" "rc0 free:yes" "$(g GUEST_API_SIGTERM)"
+check "control API: an --attach export removed over the API, device freed" "before:no device:/dev/nbd3 free:yes listed:[]" "$(g GUEST_API_START_ATTACHED)"
+check "control API: then SIGTERM exits 0" "rc0" "$(g GUEST_API_START_SIGTERM)"
 if [ $fail = 0 ]; then echo "KERNEL-NBD: PASS"; else echo "KERNEL-NBD: FAIL"; tail -40 guest.log; exit 1; fi

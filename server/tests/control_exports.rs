@@ -4,7 +4,8 @@
 //! their connections without a wrong byte while the other export keeps serving; an export holding
 //! unsaved writes is only removed with force (which deletes its overlay file); a name is reused;
 //! a prefetch warms the cache so the reads after it fetch nothing; every bad request gets a clear
-//! error.
+//! error; kernel attach on this host (no nbd driver) fails cleanly (the guest test
+//! ci/nbd-kernel-guest.sh attaches for real).
 #![allow(
     clippy::tests_outside_test_module,
     reason = "an integration test crate is itself the test module"
@@ -260,9 +261,19 @@ fn bad_requests_get_clear_errors() {
     );
     post("{", 400, "invalid JSON body");
     post(
-        &format!(r#"{{"name":"b","build":"{b0}","attach":"auto"}}"#),
-        501,
-        "not offered over the control API",
+        &format!(r#"{{"name":"b","build":"{b0}","attach":"/dev/sda"}}"#),
+        400,
+        "expected /dev/nbdN or auto",
+    );
+    post(
+        &format!(r#"{{"name":"b","build":"{b0}","connections":2}}"#),
+        400,
+        "connections: only with attach",
+    );
+    post(
+        &format!(r#"{{"name":"b","build":"{b0}","attach":"auto","connections":0}}"#),
+        400,
+        "connections 0: expected 1..=64",
     );
     post(
         &format!(r#"{{"name":"{}","build":"{b0}"}}"#, "n".repeat(5000)),
@@ -557,4 +568,69 @@ fn prefetch_warms_the_cache_before_reads() {
         misses_before,
         "reads after a full prefetch missed"
     );
+}
+
+/// Kernel attach over the API on a host without the nbd driver (this one; ci/nbd-kernel-guest.sh
+/// attaches for real in a guest): a 503 naming the missing driver, for `auto` and a named
+/// device, over the API and through `thaw ctl add --attach`; nothing is left behind: the export
+/// list, what NBD clients see and the overlay files are unchanged, and no fd leaked (netlink
+/// socket, socketpairs, overlay).
+#[test]
+fn attach_without_an_nbd_driver_fails_cleanly() {
+    if Path::new("/sys/module/nbd").exists() {
+        eprintln!(
+            "skipped: this kernel has the nbd driver (ci/nbd-kernel-guest.sh tests attach there)"
+        );
+        return;
+    }
+    let chain = Chain::generate(0, SIZE, 73, 0.05, 1024 * 1024);
+    let scratch = tempfile::tempdir().unwrap();
+    let (mut serve, control) = start(&chain, scratch.path(), &[]);
+    let b0 = chain.build(0).to_string();
+    let (st, v) = api(
+        &control,
+        "POST",
+        "/v1/exports",
+        Some(&add_body("a", &b0, false)),
+    );
+    assert_eq!(st, 201, "{v}");
+    let before = listed(&control);
+    assert_eq!(nbd_list(&serve), vec!["a".to_string()]);
+    let fds = serve.fd_count();
+    for body in [
+        format!(r#"{{"name":"k","build":"{b0}","attach":"auto"}}"#),
+        format!(r#"{{"name":"k","build":"{b0}","attach":"/dev/nbd3","connections":4}}"#),
+        format!(r#"{{"name":"k","build":"{b0}","attach":"auto","read_only":true}}"#),
+    ] {
+        api_err(
+            &control,
+            "POST",
+            "/v1/exports",
+            Some(&body),
+            503,
+            "the kernel has no nbd driver loaded (generic netlink family \"nbd\" not found",
+        );
+    }
+    let out = nbd_common::ctl(&control, &["add", "k", "--build", &b0, "--attach", "auto"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("answered 503") && err.contains("no nbd driver loaded"),
+        "{err}"
+    );
+    assert_eq!(listed(&control), before);
+    assert_eq!(nbd_list(&serve), vec!["a".to_string()]);
+    assert!(overlay_files(&serve, "k").is_empty());
+    assert_eq!(overlay_files(&serve, "a").len(), 1);
+    serve.wait_fds(fds, "failed attaches");
+    // The listener export still serves and is removed as before (no device to disconnect).
+    let flat = chain.flat(0);
+    assert_eq!(
+        nbdcopy_to_vec(&serve.unix_uri("a"), scratch.path(), &[]),
+        flat
+    );
+    let gone = ctl_json(&control, &["remove", "a"]);
+    assert_eq!(gone["overlay_deleted"], true, "{gone}");
+    assert!(gone.get("device").is_none(), "{gone}");
+    serve.assert_alive();
 }

@@ -38,11 +38,13 @@ pub enum CtlAction {
     /// are held back meanwhile; the reply describes the stored layer. Repeating the request with
     /// the same --new-build is idempotent.
     Snapshot(SnapshotArgs),
-    /// Add an export of a build while the server runs (replies with the export, as listed).
+    /// Add an export of a build while the server runs (replies with the export, as listed);
+    /// with --attach it is attached to a kernel nbd device too.
     Add(AddArgs),
     /// Remove an export: new connections no longer see it, open ones finish their requests
-    /// and close, its overlay file is deleted. Refused while it holds writes no snapshot
-    /// stored, unless --force.
+    /// and close, its overlay file is deleted; a kernel nbd device it is attached to is
+    /// disconnected first and released (the reply's `device_busy` says why not, if not).
+    /// Refused while it holds writes no snapshot stored, unless --force.
     Remove(RemoveArgs),
     /// Warm byte ranges of an export's cache in the background (without --range: a memfile
     /// build's recorded prefetch plan). Replies with what was queued; `exports` shows progress.
@@ -135,6 +137,14 @@ pub struct AddArgs {
     /// Refuse writes (no overlay).
     #[arg(long)]
     pub read_only: bool,
+    /// Attach the export to a kernel nbd device too: /dev/nbdN (refused while busy) or auto
+    /// (the lowest free one), as `thaw serve --attach` does (root, the nbd driver loaded). The
+    /// reply's `attach` names the device.
+    #[arg(long, value_name = "DEVICE")]
+    pub attach: Option<String>,
+    /// Connections (socketpairs) of the attached device (default: the server's --connections).
+    #[arg(long, value_name = "N", requires = "attach")]
+    pub connections: Option<usize>,
 }
 
 /// `thaw ctl remove` arguments.
@@ -302,7 +312,8 @@ pub fn run(args: &CtlArgs) -> anyhow::Result<()> {
                 build: a.build,
                 file: Some(a.file.clone()),
                 read_only: a.read_only,
-                attach: None,
+                attach: a.attach.clone(),
+                connections: a.connections,
             };
             call(
                 &args.control,

@@ -12,7 +12,7 @@ use thaw_codec::{BuildId, FileKind};
 use super::engine_args::{EngineArgs, parse_duration};
 use super::parse_size;
 use crate::engine::Engine;
-use crate::nbd::attach::{self, AttachOptions, Attached, Device};
+use crate::nbd::attach::{self, AttachOptions, AttachedDevices, Device};
 use crate::nbd::{Export, ListenAddr, Overlay, ServeOptions, Server};
 
 /// Help text.
@@ -26,7 +26,10 @@ size, block size and transmission flags, --nbd-timeout and --dead-conn-timeout);
 speaks the transmission phase directly (no handshake, simple replies). A device is free only \
 when /sys/block/nbdN has no pid file, size 0, inflight \"0 0\" and no holders; a busy \
 /dev/nbdN is refused, auto takes the lowest free one. `attached \"NAME\" /dev/nbdN` is printed \
-before `ready`. SIGTERM/SIGINT (and a failed start) send NBD_CMD_DISCONNECT first. After \
+before `ready`. With --control, exports are also attached at run time (`thaw ctl add NAME --build \
+UUID --attach /dev/nbdN|auto`, same rules; `thaw ctl remove NAME` disconnects the device and \
+waits for the kernel to release it, `--attach` ones included). SIGTERM/SIGINT (and a failed \
+start) send NBD_CMD_DISCONNECT to every attached device first. After \
 SIGKILL the device stays configured with dead connections (I/O fails after the timeouts) until \
 `nbd-client -d /dev/nbdN`; a restarted thaw refuses it as busy until then.";
 
@@ -108,11 +111,11 @@ pub struct ServeArgs {
     pub engine: EngineArgs,
 
     /// Listen on unix:PATH or tcp:HOST:PORT (repeatable; port 0 picks a free port, printed at
-    /// start). Optional with --attach.
+    /// start). Optional with --attach or --control.
     #[arg(
         long = "listen",
         value_name = "ADDR",
-        required_unless_present = "attach"
+        required_unless_present_any = ["attach", "control"]
     )]
     pub listen: Vec<ListenAddr>,
 
@@ -122,20 +125,20 @@ pub struct ServeArgs {
     #[arg(long = "attach", value_name = "[NAME=]DEVICE")]
     pub attach: Vec<AttachSpec>,
 
-    /// Connections (socketpairs) per attached device.
-    #[arg(long, value_name = "N", default_value_t = 2, requires = "attach")]
+    /// Connections (socketpairs) per attached device (--attach, and the default of attaches
+    /// over the control API).
+    #[arg(long, value_name = "N", default_value_t = 2)]
     pub connections: usize,
 
-    /// The kernel's I/O timeout of an attached device (whole seconds); must exceed
-    /// --fetch-deadline, so a slow fetch is answered before the kernel gives up.
-    #[arg(long, value_name = "DURATION", default_value = "90s", value_parser = parse_duration,
-          requires = "attach")]
+    /// The kernel's I/O timeout of an attached device (whole seconds; --attach and attaches
+    /// over the control API); must exceed --fetch-deadline, so a slow fetch is answered before
+    /// the kernel gives up.
+    #[arg(long, value_name = "DURATION", default_value = "90s", value_parser = parse_duration)]
     pub nbd_timeout: Duration,
 
     /// How long the kernel waits for a dead connection of an attached device to come back
-    /// before failing its I/O (whole seconds).
-    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration,
-          requires = "attach")]
+    /// before failing its I/O (whole seconds; --attach and attaches over the control API).
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     pub dead_conn_timeout: Duration,
 
     /// An export NAME=BUILD[:FILE] (repeatable; FILE defaults to rootfs.ext4). The first is the
@@ -373,7 +376,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     .context("installing signal handlers")?;
     let server = Server::start(exports, &opts)?;
     // Declared after the server: on an early return they are dropped (disconnected) first.
-    let mut attached: Vec<Attached> = Vec::new();
+    let attached = Arc::new(AttachedDevices::default());
     for (export, device) in attach_to {
         let a = attach::attach(
             &server,
@@ -390,6 +393,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
         println!("attached {:?} {}", a.export(), a.device().display());
         attached.push(a);
     }
+    let sysfs = PathBuf::from("/sys");
     let control = match &args.control {
         Some(path) => Some(crate::control::ControlServer::start(
             path,
@@ -398,10 +402,15 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
                     server.export_set(),
                     Arc::clone(&engine),
                     overlay_dir.path().to_path_buf(),
-                    attached
-                        .iter()
-                        .map(|a| (a.export().to_string(), a.device()))
-                        .collect(),
+                    crate::control::KernelAttach {
+                        conns: server.kernel_conns()?,
+                        devices: Arc::clone(&attached),
+                        connections: args.connections,
+                        io_timeout: args.nbd_timeout,
+                        dead_conn_timeout: args.dead_conn_timeout,
+                        sysfs,
+                        fetch_deadline: args.engine.fetch_deadline,
+                    },
                     args.drain_timeout,
                 )),
                 store: Arc::clone(engine.store()),
@@ -425,7 +434,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<()> {
     eprintln!("thaw serve: signal {sig}, draining");
     // Kernel devices first: the kernel sends NBD_CMD_DISC on each connection and shuts them
     // down, then the server drains whatever is left.
-    for a in attached {
+    for a in attached.take_all() {
         let dev = a.device();
         match a.detach(Duration::from_secs(2)) {
             Ok(busy) if busy.is_empty() => eprintln!("thaw serve: {} disconnected", dev.display()),

@@ -4,6 +4,13 @@
 //! offered to the next handshakes at once; a removed one is offered no more, its connections
 //! finish their in-flight requests and close, and its overlay file is deleted. A removal that
 //! would drop writes no snapshot stored is refused unless forced.
+//!
+//! Kernel attach (`attach: "/dev/nbdN"|"auto"`) takes the same path as `thaw serve --attach`
+//! ([`crate::nbd::attach`]): the device rules and the nbd driver are checked before the export
+//! is opened; the export joins the set, then the kernel is handed its socketpairs; on any error
+//! the export leaves the set again and its overlay file is deleted. Removing an attached export
+//! (API-attached or `--attach`) sends `NBD_CMD_DISCONNECT` and waits for the kernel to release
+//! the device before the connections drain.
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -25,7 +32,8 @@ use super::{
 use crate::cli::serve::{ExportSpec, open_exports};
 use crate::engine::{Engine, PrefetchHandle, load_prefetch_plan, prefetch_offsets};
 use crate::export::export_overlay;
-use crate::nbd::{AddError, Export, Exports, HeldWrites};
+use crate::nbd::attach::{AttachError, AttachOptions, AttachedDevices, Device, Target};
+use crate::nbd::{AddError, Export, Exports, HeldWrites, KernelConns};
 use crate::store::{Store, open_store};
 
 /// Unit of an explicit prefetch: ranges are rounded out to whole units of this many bytes (or
@@ -47,9 +55,8 @@ pub struct ServeExports {
     pub engine: Arc<Engine>,
     /// Where overlay files of writable exports go.
     pub overlay_dir: PathBuf,
-    /// Exports attached to a kernel nbd device at start (`--attach`): name and device. They
-    /// cannot be removed over the API (the device is detached at exit).
-    pub attached: Vec<(String, PathBuf)>,
+    /// Kernel attach: how exports are attached and which are.
+    pub kernel: KernelAttach,
     /// How long a removal waits for the export's connections to close.
     pub drain_timeout: Duration,
     /// Prefetches started over the API, per export.
@@ -68,24 +75,24 @@ impl ServeExports {
         set: Exports,
         engine: Arc<Engine>,
         overlay_dir: PathBuf,
-        attached: Vec<(String, PathBuf)>,
+        kernel: KernelAttach,
         drain_timeout: Duration,
     ) -> Self {
         Self {
             set,
             engine,
             overlay_dir,
-            attached,
+            kernel,
             drain_timeout,
             prefetches: Mutex::new(Vec::new()),
         }
     }
 
     fn attached_to(&self, name: &str) -> Option<String> {
-        self.attached
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, d)| d.display().to_string())
+        self.kernel
+            .devices
+            .device_of(name)
+            .map(|d| d.display().to_string())
     }
 
     fn prefetch_info(&self, export: &Arc<Export>) -> PrefetchInfo {
@@ -124,6 +131,28 @@ impl ServeExports {
     }
 }
 
+/// How `thaw serve` attaches exports to kernel nbd devices (its `--connections`,
+/// `--nbd-timeout`, `--dead-conn-timeout`), and the devices attached (at start and over the API;
+/// `thaw serve` detaches whatever is left at exit).
+#[derive(Debug)]
+pub struct KernelAttach {
+    /// Starts the server's handshake-less connections.
+    pub conns: KernelConns,
+    /// The attached devices.
+    pub devices: Arc<AttachedDevices>,
+    /// Connections per device unless the request says.
+    pub connections: usize,
+    /// The kernel's I/O timeout.
+    pub io_timeout: Duration,
+    /// How long the kernel waits for a dead connection to come back.
+    pub dead_conn_timeout: Duration,
+    /// Where sysfs is mounted (`/sys`).
+    pub sysfs: PathBuf,
+    /// The engine's fetch deadline: the I/O timeout must exceed it (the kernel would fail a read
+    /// the engine is still fetching).
+    pub fetch_deadline: Duration,
+}
+
 /// One export as `GET /v1/exports` lists it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExportInfo {
@@ -153,7 +182,8 @@ pub struct ExportInfo {
     /// Connections in transmission on the export.
     #[serde(default)]
     pub connections: u64,
-    /// The kernel nbd device the export is attached to (`--attach`), if any.
+    /// The kernel nbd device the export is attached to (`--attach`, or `attach` when added),
+    /// if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attach: Option<String>,
     /// Progress of the prefetches started over the API (blocks of their units).
@@ -186,10 +216,15 @@ pub struct AddRequest {
     /// Refuse writes (no overlay). Default false.
     #[serde(default)]
     pub read_only: bool,
-    /// Kernel attach: not offered over the API (`thaw serve --attach` at start); a request that
-    /// gives it is refused with 501.
+    /// Attach the export to a kernel nbd device too: `/dev/nbdN` (refused while busy) or
+    /// `auto` (the lowest free one), as `thaw serve --attach` does. Needs root and the nbd
+    /// driver.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attach: Option<String>,
+    /// Connections (socketpairs) of the attached device (default: `thaw serve --connections`,
+    /// 2). Only with `attach`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connections: Option<usize>,
 }
 
 /// The reply to `DELETE /v1/exports/{name}`.
@@ -208,6 +243,13 @@ pub struct RemoveReply {
     pub connections_left: u64,
     /// Whether an overlay file was deleted.
     pub overlay_deleted: bool,
+    /// The kernel nbd device the export was attached to and that was disconnected, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    /// Why that device is still busy after the wait (a mount still holds it open, say):
+    /// empty when the kernel released it (no pid file, size 0).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub device_busy: Vec<String>,
 }
 
 /// `POST /v1/exports/{name}/prefetch`.
@@ -392,13 +434,16 @@ async fn add(sx: &ServeExports, req: AddRequest) -> Result<ExportInfo, ApiError>
             req.name.len()
         )));
     }
-    if let Some(a) = &req.attach {
-        return Err(ApiError(
-            StatusCode::NOT_IMPLEMENTED,
-            format!(
-                "attach {a:?}: kernel attach is not offered over the control API; serve the \
-                 export over a listener, or start thaw serve with --attach"
-            ),
+    let device = match req.attach.as_deref() {
+        Some(a) => Some(
+            a.parse::<Device>()
+                .map_err(|e| bad(format!("attach: {e}")))?,
+        ),
+        None => None,
+    };
+    if req.connections.is_some() && device.is_none() {
+        return Err(bad(
+            "connections: only with attach (a listener's clients open their own)".into(),
         ));
     }
     let file = match req.file.as_deref() {
@@ -413,6 +458,31 @@ async fn add(sx: &ServeExports, req: AddRequest) -> Result<ExportInfo, ApiError>
             AddError::Duplicate(req.name.clone()).to_string(),
         ));
     }
+    // The device and the driver first: a refusal leaves nothing to undo.
+    let target = match device {
+        Some(_) if sx.kernel.io_timeout <= sx.kernel.fetch_deadline => {
+            return Err(ApiError(
+                StatusCode::CONFLICT,
+                format!(
+                    "attach: thaw serve's --nbd-timeout {:?} must exceed its --fetch-deadline \
+                     {:?} (the kernel would fail a read the engine is still fetching); restart \
+                     it with a longer --nbd-timeout",
+                    sx.kernel.io_timeout, sx.kernel.fetch_deadline
+                ),
+            ));
+        }
+        Some(device) => {
+            let opts = AttachOptions {
+                device,
+                connections: req.connections.unwrap_or(sx.kernel.connections),
+                io_timeout: sx.kernel.io_timeout,
+                dead_conn_timeout: sx.kernel.dead_conn_timeout,
+                sysfs: sx.kernel.sysfs.clone(),
+            };
+            Some(blocking(move || Target::resolve(&opts).map_err(attach_error)).await?)
+        }
+        None => None,
+    };
     let engine = Arc::clone(&sx.engine);
     let dir = sx.overlay_dir.clone();
     let spec = ExportSpec {
@@ -450,7 +520,12 @@ async fn add(sx: &ServeExports, req: AddRequest) -> Result<ExportInfo, ApiError>
             "no export opened".into(),
         ));
     };
+    let overlay = export.overlay.as_ref().map(|ov| ov.path().to_path_buf());
     let export = sx.set.add(export).map_err(|e| {
+        // Not served: its overlay file goes (a name taken meanwhile, say).
+        if let Some(p) = &overlay {
+            let _ = std::fs::remove_file(p);
+        }
         let status = match e {
             AddError::Duplicate(_) => StatusCode::CONFLICT,
             AddError::Stopping => StatusCode::SERVICE_UNAVAILABLE,
@@ -458,7 +533,89 @@ async fn add(sx: &ServeExports, req: AddRequest) -> Result<ExportInfo, ApiError>
         };
         ApiError(status, e.to_string())
     })?;
+    if let Some(target) = target {
+        let conns = sx.kernel.conns.clone();
+        let index = sx
+            .set
+            .current()
+            .exports()
+            .iter()
+            .position(|e| Arc::ptr_eq(e, &export))
+            .unwrap_or(0);
+        // On this thread, not the blocking pool: the kernel's pid file (/sys/block/nbdN/pid)
+        // names the thread that sent NBD_CMD_CONNECT, and the control API's thread lives as long
+        // as the server (a pool thread exits when idle, and the device would then look owned by
+        // a dead process). The request returns at once (no I/O is waited for).
+        let attached = target.connect(&conns, index, &export).map_err(attach_error);
+        match attached {
+            Ok(a) => {
+                tracing::info!(export = %req.name, device = %a.device().display(),
+                    "control: export attached");
+                sx.kernel.devices.push(a);
+            }
+            Err(e) => {
+                // Undo: out of the set (its connections, whose kernel ends are closed, end),
+                // overlay deleted.
+                if let Some(gone) = sx.set.remove(&req.name)
+                    && Arc::ptr_eq(&gone, &export)
+                {
+                    drain(&export, sx.drain_timeout).await;
+                    delete_overlay(&export);
+                }
+                tracing::warn!(export = %req.name, error = %e.1, "control: attach failed");
+                return Err(e);
+            }
+        }
+    }
     Ok(info(sx, &export))
+}
+
+/// The status of an attach error.
+fn attach_error(e: AttachError) -> ApiError {
+    let status = match &e {
+        AttachError::Invalid(_) => StatusCode::BAD_REQUEST,
+        AttachError::Busy(_) => StatusCode::CONFLICT,
+        AttachError::NoDriver | AttachError::NoFreeDevice(_) => StatusCode::SERVICE_UNAVAILABLE,
+        AttachError::Other(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    ApiError(status, format!("attach: {e}"))
+}
+
+/// Runs `f` on tokio's blocking pool (netlink, sysfs, the store).
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| {
+        ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("the blocking task failed: {e}"),
+        )
+    })?
+}
+
+/// Waits up to `timeout` for `export`'s connections to close; returns how many are left.
+async fn drain(export: &Export, timeout: Duration) -> u64 {
+    let deadline = Instant::now() + timeout;
+    while export.connections() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    export.connections() as u64
+}
+
+/// Deletes `export`'s overlay file; whether there was one.
+fn delete_overlay(export: &Export) -> bool {
+    let Some(ov) = export.overlay.as_ref() else {
+        return false;
+    };
+    match std::fs::remove_file(ov.path()) {
+        Ok(()) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(e) => {
+            tracing::warn!(export = %export.config.name, path = %ov.path().display(), error = %e,
+                "control: deleting the overlay file");
+            false
+        }
+    }
 }
 
 async fn remove(sx: &ServeExports, name: &str, force: bool) -> Result<RemoveReply, ApiError> {
@@ -468,66 +625,78 @@ async fn remove(sx: &ServeExports, name: &str, force: bool) -> Result<RemoveRepl
         .get(name)
         .cloned()
         .ok_or_else(|| no_export(name))?;
-    if let Some(dev) = sx.attached_to(name) {
-        return Err(ApiError(
-            StatusCode::CONFLICT,
-            format!(
-                "export {name:?} is attached to {dev} (--attach): it is detached when thaw \
-                 serve exits, not over the API"
-            ),
-        ));
-    }
     let mut discarded = false;
-    if export.overlay.is_some() {
-        // Writes in progress finish first (they are acknowledged, so they count); new ones
-        // wait, then are refused for good once the export is gone.
-        let hold = export.gate.hold(HeldWrites::Wait).await;
-        if export.has_unsaved_changes() {
-            if !force {
+    // Writes in progress finish first (they are acknowledged, so they count); new ones wait,
+    // then are refused for good once the export is gone.
+    let hold = if export.overlay.is_some() {
+        Some(export.gate.hold(HeldWrites::Wait).await)
+    } else {
+        None
+    };
+    if export.has_unsaved_changes() {
+        if !force {
+            drop(hold);
+            return Err(ApiError(
+                StatusCode::CONFLICT,
+                format!(
+                    "export {name:?} holds writes no snapshot stored: snapshot it first \
+                     (POST /v1/exports/{{name}}/snapshot), or remove it with force=true \
+                     to discard them"
+                ),
+            ));
+        }
+        discarded = true;
+    }
+    // A kernel device first: NBD_CMD_DISCONNECT (the kernel sends NBD_CMD_DISC and shuts its
+    // sockets down; what it still had queued fails there), then the kernel releases it.
+    let mut device = None;
+    let mut device_busy = Vec::new();
+    if let Some(mut a) = sx.kernel.devices.take(name) {
+        let wait = sx.drain_timeout;
+        let (a, r) = tokio::task::spawn_blocking(move || {
+            let r = a.disconnect().map(|()| a.wait_free(wait));
+            (a, r)
+        })
+        .await
+        .map_err(|e| {
+            ApiError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("the detach task failed: {e}"),
+            )
+        })?;
+        match r {
+            Ok(busy) => {
+                device = Some(a.device().display().to_string());
+                device_busy = busy.iter().map(ToString::to_string).collect();
+            }
+            Err(e) => {
+                // Still attached: the export stays as it was.
+                sx.kernel.devices.push(a);
                 drop(hold);
                 return Err(ApiError(
-                    StatusCode::CONFLICT,
-                    format!(
-                        "export {name:?} holds writes no snapshot stored: snapshot it first \
-                         (POST /v1/exports/{{name}}/snapshot), or remove it with force=true \
-                         to discard them"
-                    ),
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("{e:#}"),
                 ));
             }
-            discarded = true;
         }
-        if sx.set.remove(name).is_none() {
-            drop(hold);
-            return Err(no_export(name));
-        }
-        hold.close();
-    } else if sx.set.remove(name).is_none() {
+    }
+    if sx.set.remove(name).is_none() {
+        drop(hold);
         return Err(no_export(name));
+    }
+    if let Some(h) = hold {
+        h.close();
     }
     sx.cancel_prefetches(&export);
     let open = export.connections() as u64;
-    let deadline = Instant::now() + sx.drain_timeout;
-    while export.connections() > 0 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let left = export.connections() as u64;
-    let overlay_deleted = match export.overlay.as_ref() {
-        Some(ov) => match std::fs::remove_file(ov.path()) {
-            Ok(()) => true,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
-            Err(e) => {
-                tracing::warn!(export = name, path = %ov.path().display(), error = %e,
-                    "control: deleting the overlay file");
-                false
-            }
-        },
-        None => false,
-    };
+    let left = drain(&export, sx.drain_timeout).await;
+    let overlay_deleted = delete_overlay(&export);
     tracing::info!(
         export = name,
         discarded,
         connections = open,
         left,
+        device = device.as_deref().unwrap_or("-"),
         "control: export removed"
     );
     Ok(RemoveReply {
@@ -537,6 +706,8 @@ async fn remove(sx: &ServeExports, name: &str, force: bool) -> Result<RemoveRepl
         connections_closed: open.saturating_sub(left),
         connections_left: left,
         overlay_deleted,
+        device,
+        device_busy,
     })
 }
 

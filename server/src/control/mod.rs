@@ -5,10 +5,12 @@
 //!
 //! - `GET /v1/exports`: every export with its build, size, state (`serving`, `snapshotting`,
 //!   `closed`), overlay counters, connections and prefetch progress.
-//! - `POST /v1/exports` with `{name, build, file?, read_only?}`: adds an export (201).
+//! - `POST /v1/exports` with `{name, build, file?, read_only?, attach?, connections?}`: adds an
+//!   export (201); with `attach` (`/dev/nbdN` or `auto`) it is attached to a kernel nbd device
+//!   too, as `thaw serve --attach` does.
 //! - `DELETE /v1/exports/{name}[?force=true]`: removes one (its connections drain and close,
-//!   its overlay file is deleted); refused (409) while it holds writes no snapshot stored,
-//!   unless forced.
+//!   its overlay file is deleted; an attached device is disconnected and released first);
+//!   refused (409) while it holds writes no snapshot stored, unless forced.
 //! - `POST /v1/exports/{name}/prefetch` with `{offsets?}`: warms byte ranges (or a memfile's
 //!   recorded plan) in the background (202).
 //! - `POST /v1/exports/{name}/snapshot` with `{new_build_id, to?, codec?, frame_size?,
@@ -43,8 +45,8 @@ mod exports;
 mod memory;
 
 pub use exports::{
-    AddRequest, After, ExportInfo, PrefetchInfo, PrefetchReply, PrefetchRequest, RemoveReply,
-    ServeExports,
+    AddRequest, After, ExportInfo, KernelAttach, PrefetchInfo, PrefetchReply, PrefetchRequest,
+    RemoveReply, ServeExports,
 };
 pub use memory::{HandlerPrefetchReply, HandlerPrefetchRequest, MemoryInfo};
 

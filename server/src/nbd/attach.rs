@@ -10,8 +10,13 @@
 //! NBD_CMD_CONNECT  INDEX, SIZE_BYTES, BLOCK_SIZE_BYTES, SERVER_FLAGS, TIMEOUT,
 //!                  DEAD_CONN_TIMEOUT, SOCKETS { SOCK_ITEM { SOCK_FD }... }
 //! ...serve...
-//! NBD_CMD_DISCONNECT INDEX       (SIGTERM/SIGINT, drop, failed start)
+//! NBD_CMD_DISCONNECT INDEX       (SIGTERM/SIGINT, drop, failed start, DELETE over the API)
 //! ```
+//!
+//! [`Target::resolve`] is the first half (options, netlink, the driver, the free-device rule:
+//! nothing configured yet), [`Target::connect`] the second (socketpairs, `NBD_CMD_CONNECT`);
+//! `thaw serve --attach` runs both at start, the control API (`POST /v1/exports` with `attach`)
+//! runs the first before it opens the export and the second once the export joined the set.
 //!
 //! No `unsafe`: the netlink socket is rustix's, the messages are laid out here by hand (the
 //! layout is unit-tested below), and the kernel reads the socket fds as plain integers in the
@@ -22,6 +27,7 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -33,7 +39,7 @@ use thaw_codec::nbd::consts::{
     TFLAG_SEND_FUA, TFLAG_SEND_TRIM, TFLAG_SEND_WRITE_ZEROES,
 };
 
-use super::{Export, Server};
+use super::{Export, KernelConns, Server};
 
 /// The generic netlink family of the nbd driver (`include/uapi/linux/nbd-netlink.h`).
 pub const NBD_GENL_FAMILY: &str = "nbd";
@@ -347,7 +353,7 @@ impl NbdNetlink {
     /// Opens a `NETLINK_GENERIC` socket and resolves the `nbd` family.
     ///
     /// # Errors
-    /// No netlink; the nbd driver is not loaded (`modprobe nbd`).
+    /// No netlink; the nbd driver is not loaded (`modprobe nbd`): [`AttachError::NoDriver`].
     pub fn open() -> anyhow::Result<Self> {
         let fd = rustix::net::socket_with(
             AddressFamily::NETLINK,
@@ -371,10 +377,9 @@ impl NbdNetlink {
         let seq = nl.next_seq();
         let msgs = match nl.request(&getfamily_msg(seq, NBD_GENL_FAMILY), seq) {
             Ok(m) => m,
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => bail!(
-                "the kernel has no nbd driver loaded (generic netlink family \"nbd\" not found; \
-                 modprobe nbd)"
-            ),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                return Err(AttachError::NoDriver.into());
+            }
             Err(e) => {
                 return Err(e).context("resolving the generic netlink family \"nbd\"");
             }
@@ -741,15 +746,35 @@ impl Attached {
     /// # Errors
     /// The disconnect failed.
     pub fn detach(mut self, wait: Duration) -> anyhow::Result<Vec<Busy>> {
-        self.connected = false;
+        self.disconnect()?;
+        Ok(self.wait_free(wait))
+    }
+
+    /// `NBD_CMD_DISCONNECT`: the kernel sends `NBD_CMD_DISC` on every connection, shuts its
+    /// sockets down (the server's ends see EOF) and fails what it still has queued. On an error
+    /// the device is still attached (and disconnected on drop).
+    ///
+    /// # Errors
+    /// The kernel's errno.
+    pub fn disconnect(&mut self) -> anyhow::Result<()> {
+        if !self.connected {
+            return Ok(());
+        }
         self.nl
             .disconnect(self.index)
             .with_context(|| format!("disconnecting /dev/nbd{}", self.index))?;
+        self.connected = false;
+        Ok(())
+    }
+
+    /// Waits up to `wait` for the device to be free (no pid file, size 0, ...): returns the
+    /// reasons it is still busy at the deadline (empty: free).
+    pub fn wait_free(&self, wait: Duration) -> Vec<Busy> {
         let deadline = Instant::now() + wait;
         loop {
             let busy = busy_reasons(&self.sysfs, self.index).unwrap_or_default();
             if busy.is_empty() || Instant::now() >= deadline {
-                return Ok(busy);
+                return busy;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -766,15 +791,203 @@ impl Drop for Attached {
     }
 }
 
-/// Attaches export `export_index` of `server` to a kernel nbd device: opens netlink, picks the
-/// device (refusing a busy one), hands `opts.connections` socketpairs' server ends to the server
-/// in transmission phase and their kernel ends to `NBD_CMD_CONNECT`. With `Device::Auto` a
-/// device the kernel reports busy (a race with another attacher) is skipped for the next free
-/// one.
+/// Why an attach failed, by what the caller can do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    /// A bad option or an export the kernel cannot take (its size).
+    #[error("{0}")]
+    Invalid(String),
+    /// The kernel has no nbd driver (the generic netlink family is missing).
+    #[error(
+        "the kernel has no nbd driver loaded (generic netlink family \"nbd\" not found; \
+         modprobe nbd)"
+    )]
+    NoDriver,
+    /// The device asked for is in use.
+    #[error("{0}")]
+    Busy(String),
+    /// `auto` found no free device (or every free one was taken meanwhile).
+    #[error("{0}")]
+    NoFreeDevice(String),
+    /// Netlink, socketpairs, the server, or the kernel's refusal.
+    #[error("{0:#}")]
+    Other(anyhow::Error),
+}
+
+impl AttachError {
+    fn from_anyhow(e: anyhow::Error) -> Self {
+        match e.downcast::<Self>() {
+            Ok(a) => a,
+            Err(e) => Self::Other(e),
+        }
+    }
+}
+
+/// The first half of an attach: options checked, netlink open, the nbd driver present and the
+/// candidate devices free (see [`busy_reasons`]). Nothing is configured yet; [`Target::connect`]
+/// does that for an export.
+#[derive(Debug)]
+pub struct Target {
+    nl: NbdNetlink,
+    candidates: Vec<u32>,
+    device: Device,
+    connections: usize,
+    io_timeout: u64,
+    dead_conn_timeout: u64,
+    sysfs: PathBuf,
+}
+
+impl Target {
+    /// Checks `opts`, opens netlink (the nbd driver must be loaded) and picks the candidate
+    /// devices: `/dev/nbdN` if free, else every free one, lowest first (auto).
+    ///
+    /// # Errors
+    /// A bad option; no nbd driver; a busy device; no free device; sysfs unreadable.
+    pub fn resolve(opts: &AttachOptions) -> Result<Self, AttachError> {
+        if opts.connections == 0 || opts.connections > MAX_CONNECTIONS {
+            return Err(AttachError::Invalid(format!(
+                "connections {}: expected 1..={MAX_CONNECTIONS}",
+                opts.connections
+            )));
+        }
+        let io_timeout = secs(opts.io_timeout);
+        if io_timeout == 0 {
+            return Err(AttachError::Invalid(
+                "the nbd I/O timeout must be at least 1 s (0 means the kernel's 30 s default)"
+                    .into(),
+            ));
+        }
+        let nl = NbdNetlink::open().map_err(AttachError::from_anyhow)?;
+        let candidates = match opts.device {
+            Device::Index(i) => {
+                let busy = busy_reasons(&opts.sysfs, i)
+                    .map_err(|e| AttachError::Other(anyhow::Error::new(e)))?;
+                if !busy.is_empty() {
+                    let mut why = String::new();
+                    for (n, b) in busy.iter().enumerate() {
+                        let _ = write!(why, "{}{b}", if n > 0 { "; " } else { "" });
+                    }
+                    return Err(AttachError::Busy(format!("/dev/nbd{i} is busy: {why}")));
+                }
+                vec![i]
+            }
+            Device::Auto => {
+                let free = free_devices(&opts.sysfs)
+                    .map_err(|e| AttachError::Other(anyhow::Error::new(e)))?;
+                if free.is_empty() {
+                    return Err(AttachError::NoFreeDevice(format!(
+                        "no free nbd device under {} (all busy, or none: modprobe nbd nbds_max=N)",
+                        opts.sysfs.join("block").display()
+                    )));
+                }
+                free
+            }
+        };
+        Ok(Self {
+            nl,
+            candidates,
+            device: opts.device,
+            connections: opts.connections,
+            io_timeout,
+            dead_conn_timeout: secs(opts.dead_conn_timeout),
+            sysfs: opts.sysfs.clone(),
+        })
+    }
+
+    /// Attaches `export` (number `export_index` of its set; informational): hands
+    /// `connections` socketpairs' server ends to `conns` in transmission phase and their kernel
+    /// ends to `NBD_CMD_CONNECT`. With `Device::Auto` a device the kernel reports busy (a race
+    /// with another attacher) is skipped for the next candidate. On an error nothing stays
+    /// configured, and the connections already started end (their peers are closed).
+    ///
+    /// # Errors
+    /// An export size the kernel cannot take; the server is stopping; the kernel's refusal
+    /// (its log says why: `dmesg`).
+    pub fn connect(
+        mut self,
+        conns: &KernelConns,
+        export_index: usize,
+        export: &Arc<Export>,
+    ) -> Result<Attached, AttachError> {
+        let neg = kernel_negotiated(export_index, export);
+        let block = kernel_block_size(neg.size, neg.block_size.preferred)
+            .map_err(|e| AttachError::Invalid(format!("{e:#}")))?;
+        let mut last = None;
+        for index in std::mem::take(&mut self.candidates) {
+            let mut kernel_ends = Vec::with_capacity(self.connections);
+            for _ in 0..self.connections {
+                let (ours, theirs) = UnixStream::pair()
+                    .context("socketpair")
+                    .map_err(AttachError::Other)?;
+                conns
+                    .serve_negotiated(ours, neg.clone(), Arc::clone(export))
+                    .map_err(AttachError::Other)?;
+                kernel_ends.push(theirs);
+            }
+            let fds: Vec<u32> = kernel_ends
+                .iter()
+                .map(|s| u32::try_from(s.as_raw_fd()).unwrap_or(u32::MAX))
+                .collect();
+            let r = self.nl.connect(
+                Some(index),
+                neg.size,
+                block,
+                neg.transmission_flags,
+                self.io_timeout,
+                self.dead_conn_timeout,
+                &fds,
+            );
+            // The kernel holds its own references to the sockets; on failure, closing them
+            // ends the server's connections (EOF).
+            drop(kernel_ends);
+            match r {
+                Ok(got) => {
+                    return Ok(Attached {
+                        nl: self.nl,
+                        index: got,
+                        export: neg.export_name.clone(),
+                        sysfs: self.sysfs,
+                        connected: true,
+                    });
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    if self.device != Device::Auto {
+                        return Err(AttachError::Busy(format!(
+                            "/dev/nbd{index} is busy: the kernel refused it (EBUSY: configured \
+                             meanwhile)"
+                        )));
+                    }
+                    tracing::info!(
+                        device = index,
+                        "nbd: device taken meanwhile, trying the next"
+                    );
+                    last = Some(e);
+                }
+                Err(e) => {
+                    let hint = match e.raw_os_error() {
+                        Some(libc::EPERM) => " (needs CAP_SYS_ADMIN)",
+                        Some(libc::EINVAL) => " (the kernel log says why: dmesg)",
+                        _ => "",
+                    };
+                    return Err(AttachError::Other(
+                        anyhow::Error::new(e)
+                            .context(format!("NBD_CMD_CONNECT /dev/nbd{index}{hint}")),
+                    ));
+                }
+            }
+        }
+        Err(AttachError::NoFreeDevice(format!(
+            "every free nbd device was taken meanwhile (last: {})",
+            last.map_or_else(String::new, |e| e.to_string())
+        )))
+    }
+}
+
+/// Attaches export `export_index` of `server` to a kernel nbd device: [`Target::resolve`],
+/// then [`Target::connect`].
 ///
 /// # Errors
-/// No nbd driver or netlink; a busy or absent device; a bad option; the kernel's refusal (its
-/// log says why: `dmesg`).
+/// See [`AttachError`].
 pub fn attach(
     server: &Server,
     export_index: usize,
@@ -784,99 +997,45 @@ pub fn attach(
     let export = exports
         .get(export_index)
         .with_context(|| format!("no export #{export_index}"))?;
-    if opts.connections == 0 || opts.connections > MAX_CONNECTIONS {
-        bail!(
-            "--connections {}: expected 1..={MAX_CONNECTIONS}",
-            opts.connections
-        );
+    let conns = server.kernel_conns()?;
+    let target = Target::resolve(opts)?;
+    Ok(target.connect(&conns, export_index, export)?)
+}
+
+/// The devices attached in a running `thaw serve`: those `--attach` made at start and those the
+/// control API made, shared by both and by the exit (which detaches whatever is left).
+#[derive(Debug, Default)]
+pub struct AttachedDevices(Mutex<Vec<Attached>>);
+
+impl AttachedDevices {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Attached>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
-    let io_timeout = secs(opts.io_timeout);
-    if io_timeout == 0 {
-        bail!("the nbd I/O timeout must be at least 1 s (0 means the kernel's 30 s default)");
+
+    /// Records `a`.
+    pub fn push(&self, a: Attached) {
+        self.lock().push(a);
     }
-    let neg = kernel_negotiated(export_index, export);
-    let block = kernel_block_size(neg.size, neg.block_size.preferred)?;
-    let mut nl = NbdNetlink::open()?;
-    let candidates = match opts.device {
-        Device::Index(i) => {
-            let busy = busy_reasons(&opts.sysfs, i)?;
-            if !busy.is_empty() {
-                let mut why = String::new();
-                for (n, b) in busy.iter().enumerate() {
-                    let _ = write!(why, "{}{b}", if n > 0 { "; " } else { "" });
-                }
-                bail!("/dev/nbd{i} is busy: {why}");
-            }
-            vec![i]
-        }
-        Device::Auto => {
-            let free = free_devices(&opts.sysfs)?;
-            if free.is_empty() {
-                bail!(
-                    "no free nbd device under {} (all busy, or none: modprobe nbd nbds_max=N)",
-                    opts.sysfs.join("block").display()
-                );
-            }
-            free
-        }
-    };
-    let mut last = None;
-    for index in candidates {
-        let mut kernel_ends = Vec::with_capacity(opts.connections);
-        for _ in 0..opts.connections {
-            let (ours, theirs) = UnixStream::pair().context("socketpair")?;
-            server.serve_negotiated(ours, neg.clone())?;
-            kernel_ends.push(theirs);
-        }
-        let fds: Vec<u32> = kernel_ends
+
+    /// The device export `name` is attached to.
+    pub fn device_of(&self, name: &str) -> Option<PathBuf> {
+        self.lock()
             .iter()
-            .map(|s| u32::try_from(s.as_raw_fd()).unwrap_or(u32::MAX))
-            .collect();
-        let r = nl.connect(
-            Some(index),
-            neg.size,
-            block,
-            neg.transmission_flags,
-            io_timeout,
-            secs(opts.dead_conn_timeout),
-            &fds,
-        );
-        // The kernel holds its own references to the sockets; on failure, closing them ends
-        // the server's connections (EOF).
-        drop(kernel_ends);
-        match r {
-            Ok(got) => {
-                return Ok(Attached {
-                    nl,
-                    index: got,
-                    export: neg.export_name.clone(),
-                    sysfs: opts.sysfs.clone(),
-                    connected: true,
-                });
-            }
-            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && opts.device == Device::Auto => {
-                tracing::info!(
-                    device = index,
-                    "nbd: device taken meanwhile, trying the next"
-                );
-                last = Some(e);
-            }
-            Err(e) => {
-                let hint = match e.raw_os_error() {
-                    Some(libc::EPERM) => " (needs CAP_SYS_ADMIN)",
-                    Some(libc::EBUSY) => " (in use)",
-                    Some(libc::EINVAL) => " (the kernel log says why: dmesg)",
-                    _ => "",
-                };
-                return Err(anyhow::Error::new(e))
-                    .with_context(|| format!("NBD_CMD_CONNECT /dev/nbd{index}{hint}"));
-            }
-        }
+            .find(|a| a.export == name)
+            .map(Attached::device)
     }
-    Err(anyhow::anyhow!(
-        "every free nbd device was taken meanwhile (last: {})",
-        last.map_or_else(String::new, |e| e.to_string())
-    ))
+
+    /// Takes export `name`'s device out (to detach it).
+    pub fn take(&self, name: &str) -> Option<Attached> {
+        let mut list = self.lock();
+        let i = list.iter().position(|a| a.export == name)?;
+        Some(list.remove(i))
+    }
+
+    /// Takes every device out (at exit).
+    pub fn take_all(&self) -> Vec<Attached> {
+        std::mem::take(&mut *self.lock())
+    }
 }
 
 #[cfg(test)]

@@ -482,7 +482,7 @@ pub struct Server {
     counters: Arc<ServerCounters>,
     shared: Arc<Shared>,
     next_id: Arc<AtomicU64>,
-    next_worker: AtomicUsize,
+    next_worker: Arc<AtomicUsize>,
 }
 
 #[derive(Debug)]
@@ -548,7 +548,7 @@ impl Server {
             counters,
             shared: Arc::clone(&shared),
             next_id: Arc::clone(&next_id),
-            next_worker: AtomicUsize::new(0),
+            next_worker: Arc::new(AtomicUsize::new(0)),
         };
         for l in &opts.listen {
             let (addr, listener) = bind(l)?;
@@ -608,22 +608,25 @@ impl Server {
         let Some(export) = self.shared.current().get(&neg.export_name).cloned() else {
             bail!("no export named {:?}", neg.export_name);
         };
+        self.kernel_conns()?.serve_negotiated(stream, neg, export)
+    }
+
+    /// A handle that starts handshake-less connections on this server's workers from any
+    /// thread (the control API attaches exports it adds with it).
+    ///
+    /// # Errors
+    /// The server is stopped.
+    pub fn kernel_conns(&self) -> anyhow::Result<KernelConns> {
         let Some(rt) = self.runtime.as_ref() else {
             bail!("the server is stopped");
         };
-        let handle = rt.handle();
-        let worker = self.next_worker.fetch_add(1, Ordering::Relaxed) % handle.workers().max(1);
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        spawn_conn(
-            handle,
-            &self.shared,
-            &self.live,
-            id,
-            worker,
-            Accepted::Unix(stream),
-            Some((neg, export)),
-        )
-        .map_err(|e| anyhow::anyhow!("no worker for the connection: {e}"))
+        Ok(KernelConns {
+            handle: rt.handle().clone(),
+            shared: Arc::clone(&self.shared),
+            live: Arc::clone(&self.live),
+            next_id: Arc::clone(&self.next_id),
+            next_worker: Arc::clone(&self.next_worker),
+        })
     }
 
     /// Connections currently open.
@@ -671,6 +674,49 @@ impl Server {
             rt.shutdown();
         }
         left
+    }
+}
+
+/// Starts connections of a running [`Server`] that begin in the transmission phase (kernel
+/// attach: [`attach`]); cheap to clone. Once the server stopped, starting one fails.
+#[derive(Debug, Clone)]
+pub struct KernelConns {
+    handle: Handle,
+    shared: Arc<Shared>,
+    live: Arc<AtomicUsize>,
+    next_id: Arc<AtomicU64>,
+    next_worker: Arc<AtomicUsize>,
+}
+
+impl KernelConns {
+    /// Serves `stream` as a connection of `export` in the transmission phase with `neg`'s flags
+    /// (see [`Server::serve_negotiated`]). It counts as live and drains on shutdown or the
+    /// export's removal like any other.
+    ///
+    /// # Errors
+    /// The server is stopping (no worker takes the connection; `stream` is closed).
+    pub fn serve_negotiated(
+        &self,
+        stream: UnixStream,
+        neg: Negotiated,
+        export: Arc<Export>,
+    ) -> anyhow::Result<()> {
+        if *self.shared.shutdown.borrow() {
+            bail!("the server is shutting down");
+        }
+        let worker =
+            self.next_worker.fetch_add(1, Ordering::Relaxed) % self.handle.workers().max(1);
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        spawn_conn(
+            &self.handle,
+            &self.shared,
+            &self.live,
+            id,
+            worker,
+            Accepted::Unix(stream),
+            Some((neg, export)),
+        )
+        .map_err(|e| anyhow::anyhow!("no worker for the connection: {e}"))
     }
 }
 
