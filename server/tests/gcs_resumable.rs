@@ -113,9 +113,11 @@ fn is_data_range(range: &str) -> bool {
 fn a_large_object_streams_in_chunks_and_reads_back_with_its_metadata() {
     let Some(gcs) = emulator() else { return };
     let proxy = FaultProxy::start(gcs.port);
-    let s = store(&proxy.endpoint(), "");
-    assert_eq!(s.upload_mode(), UploadMode::Resumable);
-    assert_eq!(s.part_size(), 16 << 20);
+    // The emulator default: resumable, 64 MiB chunks; 16 MiB here to make four of 50 MiB.
+    let d = store(&proxy.endpoint(), "");
+    assert_eq!(d.upload_mode(), UploadMode::Resumable);
+    assert_eq!(d.part_size(), 64 << 20);
+    let s = store(&proxy.endpoint(), "&part-size=16MiB");
     let len = 50 * 1024 * 1024 + 12_345;
     let body = common::test_data(61, len);
     write_through(
@@ -144,7 +146,10 @@ fn a_large_object_streams_in_chunks_and_reads_back_with_its_metadata() {
     let info = s.stat("r1/memfile.zstd").unwrap();
     assert_eq!(info.size, len as u64);
     assert_eq!(info.uncompressed_size, Some(99 << 20));
-    assert!(read_back(&s, "r1/memfile.zstd", len) == body, "read back differs");
+    assert!(
+        read_back(&s, "r1/memfile.zstd", len) == body,
+        "read back differs"
+    );
 
     // `put` of more than one chunk goes the same way; an object of one chunk or less (an exact
     // chunk included) is one upload without a session.
@@ -234,7 +239,10 @@ fn failed_chunks_resume_from_what_the_session_kept() {
                 .any(|(l, r)| l.starts_with(CHUNK_PUTS) && !r.is_empty() && !is_data_range(r)),
             "{what}: no status query: {seen:?}"
         );
-        assert!(read_back(&s, &key, len) == body, "{what}: read back differs");
+        assert!(
+            read_back(&s, &key, len) == body,
+            "{what}: read back differs"
+        );
         assert_eq!(s.stat(&key).unwrap().uncompressed_size, Some(3), "{what}");
         // Every chunk's bytes reached the emulator exactly once, in order: no overlap, no gap.
         let ranges = chunk_ranges(&proxy, heads_before);
@@ -386,7 +394,9 @@ fn thaw_compress_through_failing_chunks_never_leaves_a_header() {
     );
     for layer in &manifest.layers {
         for file in FileKind::ALL {
-            let out_path = dir.path().join(format!("{}-{}", layer.build_id, file.name()));
+            let out_path = dir
+                .path()
+                .join(format!("{}-{}", layer.build_id, file.name()));
             let out = Command::new(env!("CARGO_BIN_EXE_thaw"))
                 .args([
                     "read",
