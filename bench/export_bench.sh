@@ -12,6 +12,8 @@
 # median, min and max are reported), CODECS (default "zstd:1 zstd:2 lz4 none"), WORKDIR (default
 # /dev/shm/thaw-export-bench.PID, removed unless KEEP=1), GCS (1: also export into a
 # fake-gcs-server started here, the default when ci/install.sh installed it; 0: file:// only),
+# GCS_MODES (GCS upload modes measured side by side, e.g. "resumable compose": one gs destination
+# per mode, `&upload=MODE`, labelled gs/MODE; default: the store's default mode only),
 # DEST (one more destination store URL for the disk part, e.g. s3://…), MEM (1, the default:
 # also the memory benchmark), MEM_SIZE (512MiB), MEM_DIRTY (0.2),
 # THAW / THAW_BENCH (default target/release/...).
@@ -87,7 +89,13 @@ log "dirty bytes: $DIRTY_BYTES"
 cat "$W/dirty.bin" >/dev/null  # the overlay is in the page cache too
 
 dests=("file://$W/out")
-[ -n "$GCS_STORE" ] && dests+=("$GCS_STORE")
+if [ -n "$GCS_STORE" ]; then
+    if [ -n "${GCS_MODES:-}" ]; then
+        for mode in $GCS_MODES; do dests+=("$GCS_STORE&upload=$mode"); done
+    else
+        dests+=("$GCS_STORE")
+    fi
+fi
 [ -n "${DEST:-}" ] && dests+=("$DEST")
 # The parent build must be in every destination store (the child header's ancestor entries).
 if [ -n "$GCS_STORE" ]; then
@@ -107,7 +115,7 @@ tool_run() {
     echo "$(echo "$t1 - $t0" | bc -l) $(awk '{ print $1 + $2 }' "$W/time.out")"
 }
 echo "disk: $SIZE, $DIRTY_BYTES dirty bytes, $REPS runs per point (floors and exports take turns)"
-printf '%-7s %-5s %9s %15s %9s %-12s %6s %9s %6s %9s %6s %8s %7s %6s\n' codec dest thaw_s thaw_range floor_s floor_tool ratio zstd1_s ratio upload_s ratio thaw_cpu flr_cpu ratio
+printf '%-7s %-12s %9s %15s %9s %-12s %6s %9s %6s %9s %6s %8s %7s %6s\n' codec dest thaw_s thaw_range floor_s floor_tool ratio zstd1_s ratio upload_s ratio thaw_cpu flr_cpu ratio
 for codec in $CODECS; do
     case $codec in
         zstd:*) lvl=${codec#zstd:}; floor_cmd=(zstd "-$lvl" -T2 -q -f "$W/dirty.bin" -o "$W/floor.out"); tool="zstd -$lvl -T2" ;;
@@ -148,12 +156,13 @@ for codec in $CODECS; do
         r=$(printf '%s\n' ${times[$i]} | range)
         c=$(printf '%s\n' ${cpus[$i]} | median)
         label=${dest%%:*}
+        case $dest in *upload=*) label="$label/${dest##*upload=}" ;; esac
         up_s=-; up_r=-
         if [ -n "${ups[$i]:-}" ]; then
             up_s=$(printf '%.3f' "$(echo "$(printf '%s\n' ${ups[$i]} | median) + $floor" | bc -l)")
             up_r=$(printf '%.2f' "$(echo "$t / $up_s" | bc -l)")
         fi
-        printf '%-7s %-5s %9.3f %15s %9.3f %-12s %6.2f %9.3f %6.2f %9s %6s %8.2f %7.2f %6.2f\n' "$codec" "$label" "$t" "$r" "$floor" "$tool" \
+        printf '%-7s %-12s %9.3f %15s %9.3f %-12s %6.2f %9.3f %6.2f %9s %6s %8.2f %7.2f %6.2f\n' "$codec" "$label" "$t" "$r" "$floor" "$tool" \
             "$(echo "$t / $floor" | bc -l)" "$z1" "$(echo "$t / $z1" | bc -l)" "$up_s" "$up_r" \
             "$c" "$fcpu" "$(if [ "$(echo "$fcpu > 0" | bc -l)" = 1 ]; then echo "$c / $fcpu" | bc -l; else echo 0; fi)"
         if [ "${#shas[@]}" -gt 0 ]; then
@@ -169,7 +178,14 @@ echo "load average: $(cut -d' ' -f1-3 /proc/loadavg)"
 if [ "$MEM" = 1 ]; then
     kill "$PID" 2>/dev/null; wait "$PID" 2>/dev/null || true; PID=
     rm -rf "$W/out" "$W/overlay"
-    mem_dest=(); [ -n "$GCS_STORE" ] && mem_dest=(--dest "gs://bench/mem?endpoint=$EP")
+    mem_dest=()
+    if [ -n "$GCS_STORE" ]; then
+        if [ -n "${GCS_MODES:-}" ]; then
+            for mode in $GCS_MODES; do mem_dest+=(--dest "gs://bench/mem-$mode?endpoint=$EP&upload=$mode"); done
+        else
+            mem_dest=(--dest "gs://bench/mem?endpoint=$EP")
+        fi
+    fi
     echo "memory: ${MEM_SIZE:-512MiB}, ${MEM_DIRTY:-0.2} of the pages dirty, $REPS runs per point"
     "$THAW_BENCH" export-mem --workdir "$W/mem" --size "${MEM_SIZE:-512MiB}" --dirty "${MEM_DIRTY:-0.2}" \
         --reps "$REPS" --codecs "$(echo "$CODECS" | tr ' ' ,)" "${mem_dest[@]}"

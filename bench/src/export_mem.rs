@@ -166,7 +166,7 @@ pub fn run(args: &ExportMemArgs) -> anyhow::Result<()> {
     let source = Memfd(memfd);
 
     println!(
-        "{:<7} {:<5} {:>9} {:>15} {:>9} {:<12} {:>6} {:>9} {:>6} {:>9} {:>6} {:>7} {:>7} {:>6}",
+        "{:<7} {:<12} {:>9} {:>15} {:>9} {:<12} {:>6} {:>9} {:>6} {:>9} {:>6} {:>7} {:>7} {:>6}",
         "codec",
         "dest",
         "thaw_s",
@@ -263,7 +263,12 @@ pub fn run(args: &ExportMemArgs) -> anyhow::Result<()> {
         for ((url, _), (times, cpus, ups)) in stores.iter().zip(thaw) {
             let t = point(times)?;
             let cpu = point(cpus)?;
-            let label = url.split(':').next().unwrap_or("?");
+            // The scheme, and the GCS upload mode when the URL names one (`gs/resumable`).
+            let scheme = url.split(':').next().unwrap_or("?");
+            let label = match url.split_once("upload=") {
+                Some((_, mode)) => format!("{scheme}/{}", mode.split('&').next().unwrap_or("")),
+                None => scheme.to_owned(),
+            };
             let (up_s, up_r) = if ups.is_empty() {
                 ("-".to_owned(), "-".to_owned())
             } else {
@@ -271,7 +276,7 @@ pub fn run(args: &ExportMemArgs) -> anyhow::Result<()> {
                 (format!("{u:.3}"), format!("{:.2}", t.median / u))
             };
             println!(
-                "{:<7} {:<5} {:>9.3} {:>15} {:>9.3} {:<12} {:>6.2} {:>9.3} {:>6.2} {:>9} {:>6} {:>7.2} {:>7.2} {:>6.2}",
+                "{:<7} {:<12} {:>9.3} {:>15} {:>9.3} {:<12} {:>6.2} {:>9.3} {:>6.2} {:>9} {:>6} {:>7.2} {:>7.2} {:>6.2}",
                 codec_label(codec),
                 label,
                 t.median,
@@ -290,7 +295,7 @@ pub fn run(args: &ExportMemArgs) -> anyhow::Result<()> {
             if none {
                 let sf = point(sha.clone())?;
                 println!(
-                    "        {label:<5} against cp + openssl dgst -sha256 ({:.3} s): {:.2}",
+                    "        {label:<12} against cp + openssl dgst -sha256 ({:.3} s): {:.2}",
                     sf.median,
                     t.median / sf.median
                 );

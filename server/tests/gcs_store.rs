@@ -162,7 +162,7 @@ fn write_through(s: &GcsStore, key: &str, body: &[u8], opts: &PutOptions) {
 #[test]
 fn large_upload_in_parallel_parts_reads_back_equal() {
     let Some(gcs) = emulator() else { return };
-    let s = store(&gcs.endpoint(), "");
+    let s = store(&gcs.endpoint(), "&upload=compose");
     let len = 50 * 1024 * 1024 + 12_345;
     let body = data(2, len);
     let before = s.http().stats();
@@ -197,7 +197,10 @@ fn large_upload_in_parallel_parts_reads_back_equal() {
 #[test]
 fn many_parts_compose_in_levels_and_dropped_writers_leave_nothing() {
     let Some(gcs) = emulator() else { return };
-    let s = store(&gcs.endpoint(), "&part-size=256KiB&upload-concurrency=8");
+    let s = store(
+        &gcs.endpoint(),
+        "&upload=compose&part-size=256KiB&upload-concurrency=8",
+    );
     // 70 parts: three first-level composes (32 + 32 + 6), then the final one.
     let len = 70 * 256 * 1024 - 1000;
     let body = data(3, len);
@@ -383,7 +386,10 @@ fn a_failed_upload_never_leaves_a_header_behind() {
     let top = manifest.layers.last().unwrap().build_id.to_string();
     // Parts of 256 KiB: every data object is composed; every compose fails (400).
     proxy.inject("/compose", &vec![Fault::Status(400); 1000]);
-    let to = format!("gs://snap/h?endpoint={}&part-size=256KiB", proxy.endpoint());
+    let to = format!(
+        "gs://snap/h?endpoint={}&upload=compose&part-size=256KiB",
+        proxy.endpoint()
+    );
     let src_url = format!("file://{}", src.root().display());
     let out = thaw_cmd(
         &[
@@ -1051,7 +1057,7 @@ fn access_denied_is_permanent_for_the_engine_too() {
 #[test]
 fn stale_parts_of_a_crashed_compose_upload_are_swept() {
     let Some(gcs) = emulator() else { return };
-    let s = store(&gcs.endpoint(), "&part-size=256KiB");
+    let s = store(&gcs.endpoint(), "&upload=compose&part-size=256KiB");
     // What a crashed upload of b5/obj left, and neighbours that are not its parts.
     for name in [
         "b5/obj.thaw-part-0123abcd-00000",

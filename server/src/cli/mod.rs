@@ -29,8 +29,9 @@ application-default credentials or the metadata server; STORAGE_EMULATOR_HOST=ht
 (or ?endpoint=URL) names an emulator, used without credentials. HTTP deadlines and retries:\n\
 URL parameters (gs://b/p?connect-timeout=5s&first-byte-timeout=10s&idle-timeout=10s&budget=25s\n\
 &attempts=10&backoff-base=50ms&backoff-max=2s, the defaults) or THAW_HTTP_CONNECT_TIMEOUT, ...;\n\
-uploads: ?part-size=16MiB&upload-concurrency=4, ?upload=xml|compose (the XML multipart upload,\n\
-default for the real service; compose, default with an emulator) and ?xml-endpoint=URL.\n\
+uploads: ?part-size=16MiB&upload-concurrency=4, ?upload=xml|compose|resumable (the XML multipart\n\
+upload, default for the real service; compose parts; a JSON resumable session in 64MiB chunks,\n\
+default with an emulator) and ?xml-endpoint=URL.\n\
 s3://: credentials AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN (none: unsigned\n\
 requests); ?endpoint=http://HOST:PORT (MinIO, R2, moto...; else AWS_ENDPOINT_URL_S3 or\n\
 AWS_ENDPOINT_URL; default AWS), ?region=R (else AWS_REGION, AWS_DEFAULT_REGION, us-east-1),\n\

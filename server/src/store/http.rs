@@ -284,10 +284,11 @@ impl HttpRequest {
     }
 }
 
-/// A buffered response ([`HttpClient::execute`]): a 2xx status, its headers, its whole body.
+/// A buffered response ([`HttpClient::execute`]): a 2xx status (or one the caller accepted:
+/// [`HttpClient::execute_accepting`]), its headers, its whole body.
 #[derive(Debug, Clone)]
 pub struct HttpResponse {
-    /// Status (2xx).
+    /// Status (2xx, or one of those accepted).
     pub status: StatusCode,
     /// Response headers.
     pub headers: HeaderMap,
@@ -966,6 +967,24 @@ impl HttpClient {
         max_body: u64,
         build: &mut BuildRequest<'_>,
     ) -> Result<HttpResponse, StoreError> {
+        self.execute_accepting(op, key, what, max_body, &[], build)
+    }
+
+    /// [`HttpClient::execute`], also answering a response whose status is in `accept` (with its
+    /// body, as a 2xx), e.g. 308 Resume Incomplete of a GCS resumable upload. The response's
+    /// `status` tells which it was.
+    ///
+    /// # Errors
+    /// As [`HttpClient::execute`].
+    pub fn execute_accepting(
+        &self,
+        op: &'static str,
+        key: &str,
+        what: &str,
+        max_body: u64,
+        accept: &'static [StatusCode],
+        build: &mut BuildRequest<'_>,
+    ) -> Result<HttpResponse, StoreError> {
         let rt = runtime().map_err(|e| StoreError::new(StoreErrorKind::Io, self.url(), key, e))?;
         let mut op_state = self.op(op, key, what.to_owned());
         let result = loop {
@@ -981,6 +1000,7 @@ impl HttpClient {
                 self.config,
                 op_state.deadline,
                 max_body,
+                accept,
                 (self.scheme, op),
             );
             let handle = rt.spawn(task);
@@ -1022,12 +1042,13 @@ impl HttpClient {
         config: HttpConfig,
         deadline: tokio::time::Instant,
         max_body: u64,
+        accept: &'static [StatusCode],
         labels: (&'static str, &'static str),
     ) -> Result<HttpResponse, Failure> {
         let head = req.req.method() == Method::HEAD;
         let resp = Self::send(client, req, &config, deadline, labels).await?;
         let (parts, mut body) = resp.into_parts();
-        if !parts.status.is_success() {
+        if !parts.status.is_success() && !accept.contains(&parts.status) {
             let text = Self::error_body(&mut body, deadline).await;
             return Err(Failure::status(parts.status, &text));
         }

@@ -262,6 +262,8 @@ fn read_chunked(r: &mut impl BufRead) -> std::io::Result<Vec<u8>> {
 /// What the proxy does to one matching request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Fault {
+    /// Forward unchanged (a place in the queue: the fault after it hits a later request).
+    Pass,
     /// Answer this status (with a short body) instead of forwarding.
     Status(u16),
     /// Wait this long before answering anything (no response headers: a first-byte stall),
