@@ -193,7 +193,7 @@ pub enum Event {
         len: u64,
     },
     /// The registered process forked. The new userfaultfd the kernel installed in our fd table
-    /// has already been closed by [`read_events`]; `ufd` is its (now stale) number.
+    /// has already been closed by `read_events`; `ufd` is its (now stale) number.
     Fork {
         /// The closed fd number.
         ufd: i32,

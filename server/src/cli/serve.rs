@@ -143,6 +143,7 @@ pub struct ServeArgs {
 
     /// An export NAME=BUILD[:FILE] (repeatable; FILE defaults to rootfs.ext4). The first is the
     /// default export (what an empty export name selects).
+    #[allow(rustdoc::broken_intra_doc_links, reason = "clap help text, not a link")]
     #[arg(long = "export", value_name = "NAME=BUILD[:FILE]")]
     pub exports: Vec<ExportSpec>,
 

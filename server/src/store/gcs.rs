@@ -27,7 +27,7 @@
 //!     with the persisted `Range`; the last chunk, at commit, carries the total (`A-B/N`) and
 //!     finalizes the object, whose size and MD5 are checked against the bytes sent (a wrong one
 //!     is deleted). A failed chunk attempt asks the session's status and resends from what it
-//!     persisted ([`Session::status`]: `Content-Range: bytes */*` for the service; an MD5-telling
+//!     persisted (`Session::status`: `Content-Range: bytes */*` for the service; an MD5-telling
 //!     empty `PUT` for an emulator, as fake-gcs-server finalizes the object on `*/*`). Dropped
 //!     or failed, the session is cancelled (`DELETE`, answered 499).
 //!   - `compose`: `put` is one JSON multipart upload; `create` streams, and beyond one
