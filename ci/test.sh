@@ -17,6 +17,9 @@ cargo fmt --all -- --check
 echo "== cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+echo "== cargo doc (workspace crates, warnings are errors)"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
+
 echo "== cargo test"
 cargo test --workspace --locked 2>&1 | tee target/test-output.txt
 # Fail loudly if the test harness ran nothing at all (a silent misconfiguration).
