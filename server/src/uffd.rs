@@ -692,38 +692,34 @@ impl UffdServer {
         let changes = self
             .memory_changes_with(dirty)
             .with_context(|| format!("exporting the memory of build {parent} as {new_build}"))?;
-        let result = if let Some(memfd) = self.memfd.as_ref() {
+        let from_memfd;
+        let from_peer;
+        let source: &dyn BlockSource = if let Some(memfd) = self.memfd.as_ref() {
             let memfd = std::fs::File::from(memfd.try_clone().context("duplicating the memfd")?);
-            export_layer(
-                store,
-                FileKind::Memfile,
-                file.header(),
-                new_build,
-                &changes,
-                &MemfdSource(memfd),
-                opts,
-            )
+            from_memfd = MemfdSource(memfd);
+            &from_memfd
         } else {
-            let source = PeerMemorySource {
+            from_peer = PeerMemorySource {
                 pid: self.peer.pid,
                 regions: &self.regions,
                 handler: &self.handler,
             };
             if self.handler.is_finished() {
-                return Err(anyhow::Error::new(source.gone()).context(format!(
+                return Err(anyhow::Error::new(from_peer.gone()).context(format!(
                     "exporting the memory of build {parent} as {new_build}"
                 )));
             }
-            export_layer(
-                store,
-                FileKind::Memfile,
-                file.header(),
-                new_build,
-                &changes,
-                &source,
-                opts,
-            )
+            &from_peer
         };
+        let result = export_layer(
+            store,
+            FileKind::Memfile,
+            file.header(),
+            new_build,
+            &changes,
+            source,
+            opts,
+        );
         result.with_context(|| {
             format!(
                 "exporting the memory of build {parent} as {new_build} (from the {})",

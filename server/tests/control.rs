@@ -416,10 +416,9 @@ fn a_snapshot_killed_at_any_point_leaves_no_wrong_build_and_the_next_one_succeed
 /// and LZ4, two successive pause/resume cycles.
 #[test]
 fn snapshots_round_trip_through_fake_gcs() {
-    let Some(gcs) = gcs_common::FakeGcs::start() else {
+    let Some(gcs) = gcs_common::FakeGcs::with_bucket("snap") else {
         return;
     };
-    gcs.create_bucket("snap");
     let url = format!("gs://snap/builds?endpoint={}", gcs.endpoint());
     let gs = thaw_server::store::open_store(&url).unwrap();
     let scratch = tempfile::tempdir().unwrap();

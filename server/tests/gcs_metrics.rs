@@ -28,8 +28,9 @@ fn read_all(s: &dyn Store, key: &str, offset: u64, len: usize) -> Vec<u8> {
 
 #[test]
 fn metrics_count_requests_retries_errors_and_latency() {
-    let Some(gcs) = FakeGcs::start() else { return };
-    gcs.create_bucket("snap");
+    let Some(gcs) = FakeGcs::with_bucket("snap") else {
+        return;
+    };
     let proxy = FaultProxy::start(gcs.port);
     let (_, body) = fault_setup(&gcs);
     let s = GcsStore::open(&format!(

@@ -32,9 +32,7 @@ const BUCKET: &str = "snap";
 const CHUNK_PUTS: &str = "PUT /upload/";
 
 fn emulator() -> Option<FakeGcs> {
-    let gcs = FakeGcs::start()?;
-    gcs.create_bucket(BUCKET);
-    Some(gcs)
+    FakeGcs::with_bucket(BUCKET)
 }
 
 fn store(endpoint: &str, params: &str) -> GcsStore {

@@ -36,9 +36,7 @@ use thaw_server::writer::WriteOptions;
 const BUCKET: &str = "snap";
 
 fn emulator() -> Option<FakeGcs> {
-    let gcs = FakeGcs::start()?;
-    gcs.create_bucket(BUCKET);
-    Some(gcs)
+    FakeGcs::with_bucket(BUCKET)
 }
 
 fn store(endpoint: &str, params: &str) -> GcsStore {

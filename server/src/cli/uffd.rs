@@ -119,15 +119,7 @@ pub fn run(args: &UffdArgs) -> anyhow::Result<()> {
                     Arc::clone(&server),
                 )
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
-            let c = crate::control::ControlServer::start(
-                path,
-                Arc::new(crate::control::ControlContext {
-                    exports: None,
-                    store: Arc::clone(engine.store()),
-                    memory: Some(Arc::clone(&handlers)),
-                }),
-            )?;
-            println!("control unix:{}", c.path().display());
+            let c = start_control(path, &engine, &handlers)?;
             Some((c, handlers))
         }
         None => None,
@@ -176,15 +168,7 @@ fn run_handlers(
     ])
     .context("installing the signal handlers")?;
     let handlers = Arc::new(Handlers::new(engine.clone(), options));
-    let c = crate::control::ControlServer::start(
-        control,
-        Arc::new(crate::control::ControlContext {
-            exports: None,
-            store: Arc::clone(engine.store()),
-            memory: Some(Arc::clone(&handlers)),
-        }),
-    )?;
-    println!("control unix:{}", c.path().display());
+    let c = start_control(control, engine, &handlers)?;
     let signal = signals.forever().next();
     tracing::info!(?signal, "stopping the UFFD handlers");
     drop(c);
@@ -192,6 +176,24 @@ fn run_handlers(
     handlers.shutdown();
     eprintln!("uffd: stopped {n} handler(s)");
     Ok(())
+}
+
+/// The control API of `thaw uffd` on `path` (handlers only, no exports); prints where it listens.
+fn start_control(
+    path: &Path,
+    engine: &crate::engine::Engine,
+    handlers: &Arc<Handlers>,
+) -> anyhow::Result<crate::control::ControlServer> {
+    let c = crate::control::ControlServer::start(
+        path,
+        Arc::new(crate::control::ControlContext {
+            exports: None,
+            store: Arc::clone(engine.store()),
+            memory: Some(Arc::clone(handlers)),
+        }),
+    )?;
+    println!("control unix:{}", c.path().display());
+    Ok(c)
 }
 
 /// Waits for the fault loop to end and reports. The control server, the only other holder of

@@ -376,6 +376,14 @@ fn no_export(name: &str) -> ApiError {
     ApiError(StatusCode::NOT_FOUND, format!("no export named {name:?}"))
 }
 
+/// The export named `name` in the current set (404 otherwise).
+fn find(set: &Exports, name: &str) -> Result<Arc<Export>, ApiError> {
+    set.current()
+        .get(name)
+        .cloned()
+        .ok_or_else(|| no_export(name))
+}
+
 fn export_state(e: &Export) -> &'static str {
     if e.gate.is_closed() {
         "closed"
@@ -619,12 +627,7 @@ fn delete_overlay(export: &Export) -> bool {
 }
 
 async fn remove(sx: &ServeExports, name: &str, force: bool) -> Result<RemoveReply, ApiError> {
-    let export = sx
-        .set
-        .current()
-        .get(name)
-        .cloned()
-        .ok_or_else(|| no_export(name))?;
+    let export = find(&sx.set, name)?;
     let mut discarded = false;
     // Writes in progress finish first (they are acknowledged, so they count); new ones wait,
     // then are refused for good once the export is gone.
@@ -716,12 +719,7 @@ async fn prefetch(
     name: &str,
     req: PrefetchRequest,
 ) -> Result<PrefetchReply, ApiError> {
-    let export = sx
-        .set
-        .current()
-        .get(name)
-        .cloned()
-        .ok_or_else(|| no_export(name))?;
+    let export = find(&sx.set, name)?;
     let bad = |m: String| ApiError(StatusCode::BAD_REQUEST, m);
     let size = export.file.size();
     let (source, indices, unit) = match req.offsets {
@@ -835,12 +833,7 @@ async fn snapshot(
     name: &str,
     req: SnapshotRequest,
 ) -> Result<SnapshotReply, ApiError> {
-    let export = serving(ctx)?
-        .set
-        .current()
-        .get(name)
-        .cloned()
-        .ok_or_else(|| no_export(name))?;
+    let export = find(&serving(ctx)?.set, name)?;
     if export.overlay.is_none() {
         return Err(ApiError(
             StatusCode::CONFLICT,

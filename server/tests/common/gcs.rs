@@ -108,6 +108,13 @@ impl FakeGcs {
         format!("http://127.0.0.1:{}", self.port)
     }
 
+    /// [`FakeGcs::start`], then creates `bucket`.
+    pub fn with_bucket(bucket: &str) -> Option<Self> {
+        let gcs = Self::start()?;
+        gcs.create_bucket(bucket);
+        Some(gcs)
+    }
+
     /// Creates `bucket`.
     pub fn create_bucket(&self, bucket: &str) {
         let body = format!("{{\"name\":\"{bucket}\"}}");
